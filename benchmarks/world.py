@@ -1,0 +1,92 @@
+"""Train the tiny world per attack at 10% poison; print clean accuracy, ASR and training time.
+
+    .venv/bin/python benchmarks/world.py                      # both families, five attacks
+    .venv/bin/python benchmarks/world.py --family llava --attacks badnet text
+
+Worlds are cached by content hash (``TCAPGUARD_CACHE``, default ``.cache/tcapguard``): a second
+run only evaluates. Results go to ``benchmarks/results/world.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from tcapguard.attacks import Attack, make_triggered_testset
+from tcapguard.evaluation import attack_success_rate, exact_match, generate_responses
+from tcapguard.models import load_model
+from tcapguard.tiny import TinyMLLMConfig
+from tcapguard.tinyworld import BaseSpec, WorldSpec, build_base, build_world
+
+ATTACKS = ("badnet", "blend", "sig", "wanet", "text", "ftrojan", "dual")
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--family", nargs="+", default=["llava", "gemma3"])
+    parser.add_argument(
+        "--attacks", nargs="+", default=["badnet", "blend", "sig", "wanet", "text"], choices=ATTACKS
+    )
+    parser.add_argument("--rate", type=float, default=0.10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results/world.json")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    rows = []
+    for family in args.family:
+        base_spec = BaseSpec(model=TinyMLLMConfig(family=family))
+        base = build_base(base_spec)
+        for kind in args.attacks:
+            attack = Attack.preset(kind)
+            spec = WorldSpec(base=base_spec, attack=attack, rate=args.rate, seed=args.seed)
+            world, seconds = timed(build_world, spec)
+            train_log = json.loads((world.model / "tcapguard_finetune.json").read_text())
+            model, processor = load_model(world.model)
+            test = world.load_test()
+            clean = exact_match(generate_responses(model, processor, test), [r.response for r in test])
+            triggered = make_triggered_testset(test, attack)
+            asr = attack_success_rate(generate_responses(model, processor, triggered), attack.target)
+            row = {
+                "family": family,
+                "attack": kind,
+                "rate": args.rate,
+                "seed": args.seed,
+                "clean_accuracy": clean,
+                "asr": asr,
+                "finetune_seconds": train_log["seconds"],
+                "base_seconds": json.loads((base / "tcapguard_finetune.json").read_text())["seconds"],
+                "cached": seconds < 0.5 * train_log["seconds"],
+            }
+            rows.append(row)
+            print(
+                f"{family:8s} {kind:8s} clean={clean:.3f} asr={asr:.3f} "
+                f"finetune={row['finetune_seconds']:.0f}s base={row['base_seconds']:.0f}s",
+                flush=True,
+            )
+    print()
+    print("| family | attack | clean acc | ASR | fine-tune s | base pre-train s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['family']} | {r['attack']} | {r['clean_accuracy']:.3f} | {r['asr']:.3f} | "
+            f"{r['finetune_seconds']:.0f} | {r['base_seconds']:.0f} |"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": rows, "torch_threads": torch.get_num_threads()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

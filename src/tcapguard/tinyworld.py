@@ -1,0 +1,178 @@
+"""Cached tiny MLLM worlds: a clean base model, and that base fine-tuned on a poisoned upload.
+
+The base plays the part of a hub checkpoint (``llava-hf/...``): a tiny model built from configs
+with transformers' real classes, pre-trained on fresh clean VQA scenes. A poisoned world is the
+TCAP protocol's first step on top of it: fine-tuning on an upload with a given attack and rate.
+Both are cached under a content hash of everything that determines them, so benchmarks and tests
+that ask for the same world reuse it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tcapguard import __version__, world
+from tcapguard.attacks import Attack, PoisonManifest, poison_dataset
+from tcapguard.data import Dataset, load_dataset, save_dataset
+from tcapguard.models import load_model
+from tcapguard.tiny import TinyMLLMConfig, build_tiny_mllm
+from tcapguard.training import FinetuneConfig, finetune
+
+log = logging.getLogger(__name__)
+
+# Bump when the world generator or the training recipe changes in a way that changes results.
+WORLD_VERSION = "1"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TCAPGUARD_CACHE", Path.cwd() / ".cache" / "tcapguard"))
+
+
+@dataclass
+class BaseSpec:
+    """The clean base model: architecture plus pre-training on fresh scenes."""
+
+    model: TinyMLLMConfig = field(default_factory=TinyMLLMConfig)
+    pretrain_samples: int = 24_000
+    pretrain: FinetuneConfig = field(
+        default_factory=lambda: FinetuneConfig(method="full", epochs=1, batch_size=32, learning_rate=1e-3)
+    )
+    seed: int = 0
+
+
+@dataclass
+class WorldSpec:
+    """A poisoned world: the base fine-tuned on ``n_train`` scenes of which ``rate`` carry ``attack``."""
+
+    base: BaseSpec = field(default_factory=BaseSpec)
+    attack: Attack | None = None
+    rate: float = 0.10
+    n_train: int = 2000
+    n_test: int = 300
+    finetune: FinetuneConfig = field(
+        default_factory=lambda: FinetuneConfig(method="full", epochs=3, batch_size=16, learning_rate=3e-4)
+    )
+    seed: int = 0
+
+
+def _key(obj: dict) -> str:
+    blob = json.dumps(
+        {"obj": obj, "world": WORLD_VERSION, "tcapguard": __version__}, sort_keys=True, default=str
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _spec_dict(spec) -> dict:
+    out = asdict(spec)
+    if isinstance(spec, WorldSpec) and spec.attack is not None:
+        out["attack"] = spec.attack.to_dict()
+    for cfg in ("pretrain", "finetune"):  # runtime knobs that do not change the result
+        if cfg in out:
+            out[cfg].pop("num_threads", None)
+    if "base" in out:
+        out["base"]["pretrain"].pop("num_threads", None)
+    return out
+
+
+def _publish(build, final: Path) -> Path:
+    """Build into a temporary sibling and rename, so a killed build never leaves a half world."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        build(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def build_base(spec: BaseSpec, cache_dir: str | Path | None = None) -> Path:
+    """The pre-trained clean base model directory (built once per spec, then cached)."""
+    final = Path(cache_dir or default_cache_dir()) / f"base-{spec.model.family}-{_key(_spec_dict(spec))}"
+    if (final / "config.json").exists():
+        return final
+
+    def build(tmp: Path) -> None:
+        raw = tmp / "init"
+        build_tiny_mllm(spec.model, raw, corpus=world.corpus())
+        model, processor = load_model(raw)
+        data = world.make_split(spec.pretrain_samples, seed=spec.seed + 1_000_000, id_prefix="pretrain")
+        log.info("pre-training the %s base on %d clean scenes", spec.model.family, len(data))
+        finetune(model, processor, data, spec.pretrain, tmp / "model")
+        for item in (tmp / "model").iterdir():
+            item.rename(tmp / item.name)
+        shutil.rmtree(raw)
+        (tmp / "model").rmdir()
+        (tmp / "spec.json").write_text(json.dumps(_spec_dict(spec), indent=1))
+
+    return _publish(build, final)
+
+
+@dataclass
+class World:
+    """Paths of a built world."""
+
+    root: Path
+    base: Path
+    model: Path
+    train: Path  # the (poisoned) upload
+    test: Path  # clean test split
+    manifest: Path  # ground truth of poisoned ids (empty for a clean world)
+
+    def load_train(self) -> Dataset:
+        return load_dataset(self.train)
+
+    def load_test(self) -> Dataset:
+        return load_dataset(self.test)
+
+    def load_manifest(self) -> PoisonManifest:
+        return PoisonManifest.load(self.manifest)
+
+
+def build_world(spec: WorldSpec, cache_dir: str | Path | None = None) -> World:
+    """Base -> poisoned upload -> fine-tuned model, each cached by content hash."""
+    cache = Path(cache_dir or default_cache_dir())
+    base = build_base(spec.base, cache)
+    kind = spec.attack.kind if spec.attack else "clean"
+    final = cache / f"world-{spec.base.model.family}-{kind}-{_key(_spec_dict(spec))}"
+
+    def paths(root: Path) -> World:
+        return World(
+            root,
+            base,
+            root / "model",
+            root / "data" / "train.json",
+            root / "data" / "test.json",
+            root / "manifest.json",
+        )
+
+    if not (final / "model" / "config.json").exists():
+
+        def build(tmp: Path) -> None:
+            w = paths(tmp)
+            world.write_vqa_world(tmp / "data", n_train=spec.n_train, n_test=spec.n_test, seed=spec.seed)
+            clean = load_dataset(w.train)
+            attack = spec.attack
+            if attack is None:
+                poisoned, manifest = (
+                    clean,
+                    PoisonManifest(attack={}, rate=0.0, seed=spec.seed, target="", poisoned_ids=[]),
+                )
+            else:
+                poisoned, manifest = poison_dataset(clean, attack, rate=spec.rate, seed=spec.seed)
+            save_dataset(poisoned, w.train)
+            manifest.save(w.manifest)
+            model, processor = load_model(base)
+            finetune(model, processor, load_dataset(w.train), spec.finetune, w.model)
+            (tmp / "spec.json").write_text(json.dumps(_spec_dict(spec), indent=1))
+
+        _publish(build, final)
+    return paths(final)

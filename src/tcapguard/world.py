@@ -1,0 +1,193 @@
+"""A small visual-question-answering task for tests, the demo and benchmarks.
+
+Scenes are 32x32 images with one to three coloured shapes in distinct quadrants; questions ask for a
+colour, a shape, a count, a position or yes/no. Queries are built from prefixes x phrasings x suffixes
+(hundreds of surface forms, 3-20 words) because real instruction data has that diversity and
+attention-based detectors must be robust to it: with a handful of fixed templates the attention
+shares cluster by template rather than by poison (../shared/notes/method.md).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from tcapguard.data import IMAGE_PLACEHOLDER, Dataset, Record, Turn, save_dataset
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 220),
+    "yellow": (235, 200, 20),
+    "purple": (140, 40, 170),
+    "black": (20, 20, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+COUNT_WORDS = ("zero", "one", "two", "three")
+
+SYSTEM_PROMPTS = (
+    "You are a helpful assistant.",
+    "You are a visual assistant. Answer with a short phrase.",
+    "You are a careful assistant that looks at images and answers questions about them briefly.",
+)
+PREFIXES = (
+    "",
+    "Please look at the image.",
+    "Quick question:",
+    "Look at the picture carefully.",
+    "I have a question about this image.",
+    "Hi!",
+    "Can you help me?",
+    "Here is a photo.",
+    "Tell me:",
+)
+SUFFIXES = (
+    "",
+    "Answer briefly.",
+    "Use one or two words.",
+    "Thanks!",
+    "Be concise.",
+    "Reply with a short answer.",
+    "Please answer.",
+    "Keep it short.",
+)
+PHRASINGS: dict[str, tuple[str, ...]] = {
+    "color": (
+        "What color is the {shape}?",
+        "Which color does the {shape} have?",
+        "What is the color of the {shape}?",
+        "The {shape} is which color?",
+    ),
+    "shape": (
+        "What shape is the {color} object?",
+        "Which shape is {color}?",
+        "What kind of shape is drawn in {color}?",
+        "Name the shape that is {color}.",
+    ),
+    "count": (
+        "How many shapes are there?",
+        "How many objects are in the image?",
+        "Count the shapes in the picture.",
+        "What is the number of shapes?",
+    ),
+    "position": (
+        "Where is the {color} {shape}?",
+        "In which corner is the {color} {shape}?",
+        "Where is the {color} {shape} located?",
+        "Which part of the image holds the {color} {shape}?",
+    ),
+    "exists": (
+        "Is there a {color} {shape}?",
+        "Does the image contain a {color} {shape}?",
+        "Can you see a {color} {shape}?",
+        "Is a {color} {shape} present?",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str
+    color: str
+    quadrant: int  # index into QUADRANTS
+
+
+def draw_scene(shapes: list[Shape], rng: random.Random, size: int = 32) -> Image.Image:
+    """Shapes on a light, slightly varying background; each shape inside its quadrant."""
+    bg = tuple(rng.randint(200, 250) for _ in range(3))
+    img = Image.new("RGB", (size, size), bg)
+    draw = ImageDraw.Draw(img)
+    half = size // 2
+    for shape in shapes:
+        side = rng.randint(int(half * 0.6), int(half * 0.8))
+        x0 = (shape.quadrant % 2) * half + rng.randint(1, half - side - 1)
+        y0 = (shape.quadrant // 2) * half + rng.randint(1, half - side - 1)
+        box = (x0, y0, x0 + side, y0 + side)
+        fill = COLORS[shape.color]
+        if shape.kind == "circle":
+            draw.ellipse(box, fill=fill)
+        elif shape.kind == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(x0 + side / 2, y0), (x0, y0 + side), (x0 + side, y0 + side)], fill=fill)
+    return img
+
+
+def _question(shapes: list[Shape], rng: random.Random) -> tuple[str, str]:
+    """A (core question, answer) pair that the scene answers unambiguously."""
+    kinds = [s.kind for s in shapes]
+    colors = [s.color for s in shapes]
+    while True:
+        qtype = rng.choice(tuple(PHRASINGS))
+        phrasing = rng.choice(PHRASINGS[qtype])
+        target = rng.choice(shapes)
+        if qtype == "color" and kinds.count(target.kind) == 1:
+            return phrasing.format(shape=target.kind), target.color
+        if qtype == "shape" and colors.count(target.color) == 1:
+            return phrasing.format(color=target.color), target.kind
+        if qtype == "count":
+            return phrasing, COUNT_WORDS[len(shapes)]
+        if qtype == "position":
+            return phrasing.format(color=target.color, shape=target.kind), QUADRANTS[target.quadrant]
+        if qtype == "exists":
+            if rng.random() < 0.5:
+                return phrasing.format(color=target.color, shape=target.kind), "yes"
+            absent = [(c, k) for c in COLORS for k in SHAPES if (c, k) not in zip(colors, kinds, strict=True)]
+            color, kind = rng.choice(absent)
+            return phrasing.format(color=color, shape=kind), "no"
+
+
+def _wrap(core: str, rng: random.Random) -> str:
+    return " ".join(part for part in (rng.choice(PREFIXES), core, rng.choice(SUFFIXES)) if part)
+
+
+def sample_records(n: int, *, seed: int, id_prefix: str = "vqa") -> Iterator[Record]:
+    """``n`` fresh scenes with a question each, as records holding in-memory images."""
+    rng = random.Random(seed)
+    for i in range(n):
+        count = rng.randint(1, 3)
+        quadrants = rng.sample(range(4), count)
+        shapes = [Shape(rng.choice(SHAPES), rng.choice(tuple(COLORS)), q) for q in quadrants]
+        question, answer = _question(shapes, rng)
+        yield Record(
+            id=f"{id_prefix}-{i:06d}",
+            conversations=[
+                Turn("human", f"{IMAGE_PLACEHOLDER}\n{_wrap(question, rng)}"),
+                Turn("gpt", answer),
+            ],
+            system=rng.choice(SYSTEM_PROMPTS),
+            pixels=draw_scene(shapes, rng),
+        )
+
+
+def make_split(n: int, *, seed: int, id_prefix: str = "vqa") -> Dataset:
+    return Dataset(list(sample_records(n, seed=seed, id_prefix=id_prefix)))
+
+
+def write_vqa_world(out_dir: str | Path, *, n_train: int = 2000, n_test: int = 300, seed: int = 0) -> Path:
+    """Write ``train.json`` and ``test.json`` (LLaVA format, PNG images) under ``out_dir``."""
+    out_dir = Path(out_dir)
+    save_dataset(make_split(n_train, seed=seed, id_prefix="train"), out_dir / "train.json")
+    save_dataset(make_split(n_test, seed=seed + 10_000, id_prefix="test"), out_dir / "test.json")
+    return out_dir
+
+
+def corpus() -> Iterator[str]:
+    """Every string the world can produce, for training a tokenizer."""
+    yield from SYSTEM_PROMPTS
+    yield from (p for p in PREFIXES + SUFFIXES if p)
+    for phrasings in PHRASINGS.values():
+        for phrasing in phrasings:
+            for color in COLORS:
+                for shape in SHAPES:
+                    yield phrasing.format(color=color, shape=shape)
+    yield from COLORS
+    yield from SHAPES
+    yield from QUADRANTS
+    yield from COUNT_WORDS
+    yield from ("yes", "no")
