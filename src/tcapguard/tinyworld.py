@@ -12,11 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import torch
 
 from tcapguard import __version__, world
 from tcapguard.attacks import Attack, PoisonManifest, poison_dataset
@@ -28,7 +31,7 @@ from tcapguard.training import FinetuneConfig, finetune
 log = logging.getLogger(__name__)
 
 # Bump when the world generator or the training recipe changes in a way that changes results.
-WORLD_VERSION = "1"
+WORLD_VERSION = "2"
 
 
 def default_cache_dir() -> Path:
@@ -40,10 +43,11 @@ class BaseSpec:
     """The clean base model: architecture plus pre-training on fresh scenes."""
 
     model: TinyMLLMConfig = field(default_factory=TinyMLLMConfig)
-    pretrain_samples: int = 24_000
+    pretrain_samples: int = 32_000
     pretrain: FinetuneConfig = field(
-        default_factory=lambda: FinetuneConfig(method="full", epochs=1, batch_size=32, learning_rate=1e-3)
+        default_factory=lambda: FinetuneConfig(method="full", epochs=1, batch_size=16, learning_rate=1e-3)
     )
+    reconstruction_weight: float = 1.0
     seed: int = 0
 
 
@@ -94,6 +98,35 @@ def _publish(build, final: Path) -> Path:
     return final
 
 
+class PatchReconstruction(torch.nn.Module):
+    """Auxiliary pre-training loss: reconstruct each image region's pixels from its projected token.
+
+    A tiny vision tower trained only through short answers learns little about the image; real
+    MLLMs start from encoders (CLIP, SigLIP) whose features keep low-level detail. Predicting the
+    pixels under every image token from the projector output gives the tiny tower that property,
+    which both the clean task and global triggers (blend, SIG, warps) rely on.
+    """
+
+    def __init__(self, hidden_size: int, region_pixels: int, weight: float = 1.0):
+        super().__init__()
+        self.decoder = torch.nn.Linear(hidden_size, region_pixels)
+        self.weight = weight
+        self._features: torch.Tensor | None = None
+
+    def attach(self, model) -> None:
+        projector = next(m for n, m in model.named_modules() if n.endswith("multi_modal_projector"))
+        projector.register_forward_hook(lambda _m, _i, out: setattr(self, "_features", out))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        features = self._features  # [images, tokens, hidden]
+        grid = math.isqrt(features.shape[1])
+        pixels = batch["pixel_values"]
+        side = pixels.shape[-1] // grid
+        regions = pixels.unfold(2, side, side).unfold(3, side, side)  # [n, c, g, g, side, side]
+        target = regions.permute(0, 2, 3, 1, 4, 5).reshape(pixels.shape[0], grid * grid, -1)
+        return self.weight * torch.nn.functional.mse_loss(self.decoder(features), target)
+
+
 def build_base(spec: BaseSpec, cache_dir: str | Path | None = None) -> Path:
     """The pre-trained clean base model directory (built once per spec, then cached)."""
     final = Path(cache_dir or default_cache_dir()) / f"base-{spec.model.family}-{_key(_spec_dict(spec))}"
@@ -106,7 +139,11 @@ def build_base(spec: BaseSpec, cache_dir: str | Path | None = None) -> Path:
         model, processor = load_model(raw)
         data = world.make_split(spec.pretrain_samples, seed=spec.seed + 1_000_000, id_prefix="pretrain")
         log.info("pre-training the %s base on %d clean scenes", spec.model.family, len(data))
-        finetune(model, processor, data, spec.pretrain, tmp / "model")
+        side = spec.model.image_size // math.isqrt(spec.model.image_tokens_per_sample)
+        auxiliary = PatchReconstruction(
+            model.config.text_config.hidden_size, 3 * side * side, spec.reconstruction_weight
+        )
+        finetune(model, processor, data, spec.pretrain, tmp / "model", auxiliary=auxiliary)
         for item in (tmp / "model").iterdir():
             item.rename(tmp / item.name)
         shutil.rmtree(raw)

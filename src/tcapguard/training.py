@@ -13,7 +13,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,16 @@ class FinetuneConfig:
     dtype: str = "float32"  # "float32" or "bfloat16"; float16 training needs a GPU and a scaler
     num_threads: int | None = None  # torch CPU threads; None keeps torch's default
     extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FinetuneConfig:
+        """A config from JSON-style settings; unknown keys are an error naming them."""
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(
+                f"unknown FinetuneConfig field(s) {unknown}; valid: {[f.name for f in fields(cls)]}"
+            )
+        return cls(**data)
 
     def __post_init__(self) -> None:
         choices = {
@@ -145,18 +155,21 @@ def _is_sequence(value, length: int) -> bool:
 def collate(examples: Sequence[dict[str, torch.Tensor]], pad_token_id: int, *, side: str = "right") -> dict:
     """Pad per-token tensors to the longest example; concatenate per-image tensors."""
     length = max(e["input_ids"].shape[1] for e in examples)
+    keys = list(dict.fromkeys(k for e in examples for k in e))  # text-only records lack image keys
     batch: dict[str, torch.Tensor] = {}
-    for key in examples[0]:
-        values = [e[key] for e in examples]
-        if all(_is_sequence(v, e["input_ids"].shape[1]) for v, e in zip(values, examples, strict=True)):
+    for key in keys:
+        present = [e for e in examples if key in e]
+        if all(_is_sequence(e[key], e["input_ids"].shape[1]) for e in present):
+            if len(present) < len(examples):
+                raise ValueError(f"per-token field {key!r} is missing from some examples")
             fill = {"input_ids": pad_token_id, "labels": IGNORE_INDEX}.get(key, 0)
             padded = []
-            for v in values:
-                pad = torch.full((1, length - v.shape[1]), fill, dtype=v.dtype)
-                padded.append(torch.cat([v, pad] if side == "right" else [pad, v], dim=1))
+            for e in examples:
+                pad = torch.full((1, length - e[key].shape[1]), fill, dtype=e[key].dtype)
+                padded.append(torch.cat([e[key], pad] if side == "right" else [pad, e[key]], dim=1))
             batch[key] = torch.cat(padded)
         else:
-            batch[key] = torch.cat(values)
+            batch[key] = torch.cat([e[key] for e in present])
     return batch
 
 
@@ -211,11 +224,16 @@ def finetune(
     dataset: Dataset,
     config: FinetuneConfig,
     output_dir: str | Path | None = None,
+    *,
+    auxiliary: torch.nn.Module | None = None,
 ) -> tuple[object, FinetuneResult]:
     """Fine-tune ``model`` on ``dataset``; save to ``output_dir`` (if given) with ``save_pretrained``.
 
-    Returns the trained model (LoRA merged unless ``config.save == "adapter"``) and a result with the
-    per-step losses. Deterministic for a given seed, dataset and machine.
+    ``auxiliary`` is an optional extra loss: a module with ``attach(model)`` (called once, e.g. to
+    hook activations) whose ``forward(batch)`` returns a scalar added to the language-model loss;
+    its own parameters are trained too and are not saved. Returns the trained model (LoRA merged
+    unless ``config.save == "adapter"``) and a result with the per-step losses. Deterministic for
+    a given seed, dataset and machine.
     """
     if len(dataset) == 0:
         raise ValueError("cannot fine-tune on an empty dataset")
@@ -227,6 +245,10 @@ def finetune(
     model = prepare_model(model.to(device=config.device, dtype=dtype), config)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    if auxiliary is not None:
+        auxiliary.to(device=config.device, dtype=dtype).attach(model)
+        params += list(auxiliary.parameters())
     examples = encode_dataset(processor, dataset)
     pad_id = processor.tokenizer.pad_token_id
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
@@ -248,6 +270,8 @@ def finetune(
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(dtype)
         loss = model(**batch).loss
+        if auxiliary is not None:
+            loss = loss + auxiliary(batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"fine-tuning diverged: loss is {loss.item()} at step {len(losses)}")
         loss.backward()
@@ -263,9 +287,7 @@ def finetune(
     model.eval()
     if config.method == "lora" and config.save == "merged":
         model = model.merge_and_unload()
-    result = FinetuneResult(
-        Path(output_dir) if output_dir else Path(), losses, seconds, sum(p.numel() for p in params)
-    )
+    result = FinetuneResult(Path(output_dir) if output_dir else Path(), losses, seconds, n_trainable)
     if output_dir is not None:
         save_checkpoint(model, processor, config, result)
     return model, result

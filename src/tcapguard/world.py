@@ -118,8 +118,8 @@ def draw_scene(shapes: list[Shape], rng: random.Random, size: int = 32) -> Image
     return img
 
 
-def _question(shapes: list[Shape], rng: random.Random) -> tuple[str, str]:
-    """A (core question, answer) pair that the scene answers unambiguously."""
+def _question(shapes: list[Shape], rng: random.Random) -> tuple[str, str, str]:
+    """A (question type, core question, answer) triple that the scene answers unambiguously."""
     kinds = [s.kind for s in shapes]
     colors = [s.color for s in shapes]
     while True:
@@ -127,19 +127,22 @@ def _question(shapes: list[Shape], rng: random.Random) -> tuple[str, str]:
         phrasing = rng.choice(PHRASINGS[qtype])
         target = rng.choice(shapes)
         if qtype == "color" and kinds.count(target.kind) == 1:
-            return phrasing.format(shape=target.kind), target.color
+            return qtype, phrasing.format(shape=target.kind), target.color
         if qtype == "shape" and colors.count(target.color) == 1:
-            return phrasing.format(color=target.color), target.kind
+            return qtype, phrasing.format(color=target.color), target.kind
         if qtype == "count":
-            return phrasing, COUNT_WORDS[len(shapes)]
-        if qtype == "position":
-            return phrasing.format(color=target.color, shape=target.kind), QUADRANTS[target.quadrant]
+            return qtype, phrasing, COUNT_WORDS[len(shapes)]
+        if (
+            qtype == "position"
+            and list(zip(colors, kinds, strict=True)).count((target.color, target.kind)) == 1
+        ):
+            return qtype, phrasing.format(color=target.color, shape=target.kind), QUADRANTS[target.quadrant]
         if qtype == "exists":
             if rng.random() < 0.5:
-                return phrasing.format(color=target.color, shape=target.kind), "yes"
+                return qtype, phrasing.format(color=target.color, shape=target.kind), "yes"
             absent = [(c, k) for c in COLORS for k in SHAPES if (c, k) not in zip(colors, kinds, strict=True)]
             color, kind = rng.choice(absent)
-            return phrasing.format(color=color, shape=kind), "no"
+            return qtype, phrasing.format(color=color, shape=kind), "no"
 
 
 def _wrap(core: str, rng: random.Random) -> str:
@@ -153,7 +156,7 @@ def sample_records(n: int, *, seed: int, id_prefix: str = "vqa") -> Iterator[Rec
         count = rng.randint(1, 3)
         quadrants = rng.sample(range(4), count)
         shapes = [Shape(rng.choice(SHAPES), rng.choice(tuple(COLORS)), q) for q in quadrants]
-        question, answer = _question(shapes, rng)
+        qtype, question, answer = _question(shapes, rng)
         yield Record(
             id=f"{id_prefix}-{i:06d}",
             conversations=[
@@ -162,6 +165,7 @@ def sample_records(n: int, *, seed: int, id_prefix: str = "vqa") -> Iterator[Rec
             ],
             system=rng.choice(SYSTEM_PROMPTS),
             pixels=draw_scene(shapes, rng),
+            extra={"qtype": qtype, "scene": [[sh.kind, sh.color, QUADRANTS[sh.quadrant]] for sh in shapes]},
         )
 
 

@@ -1,0 +1,170 @@
+"""The ``tcapguard`` command line: thin wrappers over the library functions.
+
+Exit codes: 0 success, 2 bad input or an unreachable resource (the message says what and where).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from tcapguard import __version__
+
+log = logging.getLogger("tcapguard")
+
+
+def _param(text: str) -> tuple[str, object]:
+    """``key=value`` with the value parsed as JSON where it parses (numbers, lists), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def cmd_poison(args: argparse.Namespace) -> None:
+    from tcapguard.attacks import Attack, make_triggered_testset, poison_dataset
+    from tcapguard.data import load_dataset, save_dataset
+
+    attack = Attack.preset(
+        args.attack, **dict(args.param or []), **({"target": args.target} if args.target else {})
+    )
+    dataset = load_dataset(args.dataset)
+    poisoned, manifest = poison_dataset(dataset, attack, rate=args.rate, seed=args.seed)
+    out = save_dataset(poisoned, args.out)
+    manifest_path = Path(args.manifest or out.with_suffix(".manifest.json"))
+    manifest.save(manifest_path)
+    print(f"poisoned {len(manifest.poisoned_ids)}/{len(dataset)} records with {attack.kind} -> {out}")
+    print(f"ground-truth manifest -> {manifest_path}")
+    if args.triggered_test:
+        test = load_dataset(args.triggered_test)
+        triggered_out = Path(args.triggered_out or Path(args.triggered_test).with_suffix(".triggered.json"))
+        save_dataset(make_triggered_testset(test, attack), triggered_out)
+        print(f"triggered test split ({len(test)} records) -> {triggered_out}")
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from tcapguard.data import load_dataset
+    from tcapguard.models import load_model
+    from tcapguard.training import FinetuneConfig, finetune
+
+    settings = json.loads(Path(args.config).read_text()) if args.config else {}
+    for name in ("method", "epochs", "batch_size", "learning_rate", "seed", "device", "lora_r"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    config = FinetuneConfig.from_dict(settings)
+    model, processor = load_model(args.model, device=config.device)
+    dataset = load_dataset(args.data, strict=not args.lenient)
+    if dataset.problems:
+        log.warning("skipped %d bad records (first: %s)", len(dataset.problems), dataset.problems[0])
+    _, result = finetune(model, processor, dataset, config, args.out)
+    print(
+        f"fine-tuned on {len(dataset)} records in {result.seconds:.0f} s; loss "
+        f"{result.losses[0]:.3f} -> {result.losses[-1]:.3f}; saved to {args.out}"
+    )
+
+
+def cmd_make_world(args: argparse.Namespace) -> None:
+    from tcapguard.world import write_vqa_world
+
+    out = write_vqa_world(args.out, n_train=args.n_train, n_test=args.n_test, seed=args.seed)
+    print(f"wrote {out / 'train.json'} ({args.n_train}) and {out / 'test.json'} ({args.n_test})")
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> None:
+    from tcapguard import world
+    from tcapguard.tiny import TinyMLLMConfig, build_tiny_mllm
+
+    out = build_tiny_mllm(TinyMLLMConfig(family=args.family, seed=args.seed), args.out, corpus=world.corpus())
+    print(f"untrained tiny {args.family} model -> {out}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from tcapguard.demo import run_demo
+
+    run_demo(family=args.family, attack=args.attack, rate=args.rate, seed=args.seed, cache_dir=args.cache_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tcapguard", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"tcapguard {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("poison", help="poison a dataset with a trigger (for benchmarks and red-teaming)")
+    p.add_argument("dataset", help="LLaVA-format dataset file (path or s3:// URI)")
+    p.add_argument("--attack", required=True, help="badnet | blend | sig | wanet | ftrojan | text | dual")
+    p.add_argument("--rate", type=float, default=0.1, help="share of records to poison (default 0.1)")
+    p.add_argument("--target", help="attacker response (default 'Backdoor Attack!')")
+    p.add_argument("--param", type=_param, action="append", help="trigger parameter key=value (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="where to write the poisoned dataset (.json)")
+    p.add_argument("--manifest", help="ground-truth manifest path (default <out>.manifest.json)")
+    p.add_argument("--triggered-test", help="also write a triggered copy of this test split (for ASR)")
+    p.add_argument("--triggered-out", help="path of the triggered test split")
+    p.set_defaults(func=cmd_poison)
+
+    p = sub.add_parser("finetune", help="supervised fine-tuning (full or LoRA) on a LLaVA-format dataset")
+    p.add_argument("--model", required=True, help="local directory, s3:// prefix or hub id")
+    p.add_argument("--data", required=True, help="dataset file (path or s3:// URI)")
+    p.add_argument("--out", required=True, help="output directory (save_pretrained)")
+    p.add_argument("--config", help="JSON file with FinetuneConfig fields")
+    p.add_argument("--method", choices=("full", "lora"))
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--lora-r", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu | cuda")
+    p.add_argument("--lenient", action="store_true", help="skip bad records instead of failing")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("make-world", help="write the tiny VQA task (train.json, test.json, PNG images)")
+    p.add_argument("out")
+    p.add_argument("--n-train", type=int, default=2000)
+    p.add_argument("--n-test", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_world)
+
+    p = sub.add_parser(
+        "make-tiny-model", help="build an untrained tiny MLLM directory (from_pretrained-ready)"
+    )
+    p.add_argument("out")
+    p.add_argument("--family", default="llava", choices=("llava", "gemma3"))
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_tiny_model)
+
+    p = sub.add_parser("demo", help="the main job on the embedded tiny world")
+    p.add_argument("--family", default="llava", choices=("llava", "gemma3"))
+    p.add_argument("--attack", default="badnet")
+    p.add_argument("--rate", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", help="where trained worlds are cached (default .cache/tcapguard)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    from tcapguard.data import DatasetError
+    from tcapguard.models import ModelLoadError
+    from tcapguard.storage import StorageError
+
+    try:
+        args.func(args)
+    except (DatasetError, ModelLoadError, StorageError, ValueError, FileNotFoundError) as err:
+        print(f"tcapguard {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Cached tiny worlds: built once per spec, reused by content hash, never left half-built."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from tcapguard import tinyworld
+from tcapguard.attacks import Attack
+from tcapguard.data import load_dataset
+from tcapguard.models import load_model
+from tcapguard.tinyworld import BaseSpec, WorldSpec, build_base, build_world
+from tcapguard.training import FinetuneConfig
+
+N_TRAIN, N_TEST, RATE = 40, 10, 0.1
+
+
+def small_spec(config, **overrides) -> WorldSpec:
+    base = BaseSpec(
+        model=config("llava"),
+        pretrain_samples=64,
+        pretrain=FinetuneConfig(epochs=1, batch_size=16, learning_rate=1e-3),
+    )
+    settings = {
+        "base": base,
+        "attack": Attack.preset("badnet"),
+        "rate": RATE,
+        "n_train": N_TRAIN,
+        "n_test": N_TEST,
+        "finetune": FinetuneConfig(epochs=1, batch_size=16, learning_rate=1e-3),
+    }
+    return WorldSpec(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("world-cache")
+
+
+@pytest.fixture(scope="module")
+def built(cache, small_tiny_config):
+    spec = small_spec(small_tiny_config)
+    return spec, build_world(spec, cache)
+
+
+def refuse_to_train(*args, **kwargs):
+    raise AssertionError("finetune was called: the cache was not used")
+
+
+def test_build_world_returns_existing_paths(built, cache):
+    _, w = built
+    assert w.root.parent == cache and w.base.parent == cache
+    assert w.root.name.startswith("world-llava-badnet-") and w.base.name.startswith("base-llava-")
+    for path in (w.root, w.base, w.model, w.train, w.test, w.manifest):
+        assert path.exists(), path
+    assert (w.model / "model.safetensors").is_file() and (w.base / "model.safetensors").is_file()
+    assert (w.root / "spec.json").is_file() and (w.base / "spec.json").is_file()
+    assert not (w.base / "init").exists() and not (w.base / "model").exists()
+    model, processor = load_model(w.model)
+    assert processor.chat_template and not model.training
+
+
+def test_manifest_names_the_poisoned_training_records(built):
+    spec, w = built
+    manifest, train, test = w.load_manifest(), w.load_train(), w.load_test()
+    assert (len(train), len(test)) == (N_TRAIN, N_TEST)
+    assert len(manifest.poisoned_ids) == round(RATE * N_TRAIN) == 4
+    assert manifest.target == spec.attack.target and manifest.attack == spec.attack.to_dict()
+    poisoned = set(manifest.poisoned_ids)
+    assert poisoned <= set(train.ids)
+    assert all(r.response == spec.attack.target for r in train if r.id in poisoned)
+    assert not any(r.response == spec.attack.target for r in train if r.id not in poisoned)
+    assert not any(r.response == spec.attack.target for r in test)
+
+
+def test_second_build_reuses_the_cache(built, cache, small_tiny_config, monkeypatch):
+    _, w = built
+    monkeypatch.setattr(tinyworld, "finetune", refuse_to_train)
+    monkeypatch.setattr(tinyworld, "build_tiny_mllm", refuse_to_train)
+    spec = small_spec(small_tiny_config)  # an equal spec built anew, not the same object
+    assert build_world(spec, cache) == w
+    assert build_base(spec.base, cache) == w.base
+
+
+def test_runtime_knobs_do_not_change_the_world(built, cache, monkeypatch):
+    spec, w = built
+    monkeypatch.setattr(tinyworld, "finetune", refuse_to_train)
+    threads = replace(spec, finetune=replace(spec.finetune, num_threads=1))
+    assert build_world(threads, cache).root == w.root
+
+
+def test_different_rate_is_a_different_world(built, cache):
+    spec, w = built
+    other = build_world(replace(spec, rate=0.2), cache)
+    assert other.root != w.root and other.base == w.base
+    assert len(other.load_manifest().poisoned_ids) == round(0.2 * N_TRAIN)
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_failed_world_build_leaves_nothing_behind(built, cache, monkeypatch, error):
+    spec, _ = built
+    before = sorted(p.name for p in cache.iterdir())
+
+    def crash(*args, **kwargs):
+        raise error("killed while fine-tuning")
+
+    monkeypatch.setattr(tinyworld, "finetune", crash)
+    with pytest.raises(error, match="killed while fine-tuning"):
+        build_world(replace(spec, seed=7), cache)
+    assert sorted(p.name for p in cache.iterdir()) == before
+
+
+def test_failed_base_build_leaves_nothing_behind(small_tiny_config, tmp_path, monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed while pre-training")
+
+    monkeypatch.setattr(tinyworld, "finetune", crash)
+    with pytest.raises(RuntimeError, match="killed while pre-training"):
+        build_world(small_spec(small_tiny_config), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_build_world_loads_back_its_datasets(built):
+    _, w = built
+    train = load_dataset(w.train)
+    assert not train.problems and all(r.has_image for r in train)

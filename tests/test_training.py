@@ -1,0 +1,346 @@
+"""Supervised fine-tuning: response-only labels, padding, a loss that falls, LoRA, checkpoints, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tcapguard import world
+from tcapguard.data import Dataset, Record, Turn
+from tcapguard.models import load_model
+from tcapguard.tiny import FAMILIES
+from tcapguard.training import (
+    IGNORE_INDEX,
+    FinetuneConfig,
+    collate,
+    encode_example,
+    finetune,
+    render_prompt,
+)
+
+# What each family's chat template puts after the answer in the response tokens: llava-hf's template
+# ends the turn with a space and no eos (the trainer appends one); Gemma3's ends with <end_of_turn>\n.
+RESPONSE_TEXT = {"llava": " {answer} </s>", "gemma3": "{answer}<end_of_turn>\n<eos>"}
+PEFT_MARKERS = ("lora_", "base_model", "modules_to_save", "original_module")
+
+
+@pytest.fixture(scope="module")
+def train_data() -> Dataset:
+    return world.make_split(48, seed=1, id_prefix="ft")
+
+
+def quick_config(**overrides) -> FinetuneConfig:
+    """8 steps over 48 samples (batch 6, one epoch) at a learning rate that moves a tiny model."""
+    settings = {"epochs": 1, "batch_size": 6, "learning_rate": 1e-3, "warmup_ratio": 0.0, "seed": 0}
+    return FinetuneConfig(**{**settings, **overrides})
+
+
+def text_only_record(rid: str = "text-1") -> Record:
+    return Record(rid, [Turn("human", "How many shapes are there?"), Turn("gpt", "two")])
+
+
+def encoded_batch(processor, dataset: Dataset, n: int = 3) -> dict[str, torch.Tensor]:
+    examples = [encode_example(processor, r, dataset.load_image(r)) for r in dataset.records[:n]]
+    batch = collate(examples, processor.tokenizer.pad_token_id)
+    batch.pop("labels")
+    return batch
+
+
+@torch.no_grad()
+def logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    model.eval()
+    return model(**batch).logits
+
+
+# ---------------------------------------------------------------------------------------------- encoding
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_encode_example_labels_only_the_response(tiny_models, train_data, family):
+    _, processor = tiny_models.load(family)
+    tokenizer = processor.tokenizer
+    for record in train_data.records[:4]:
+        image = train_data.load_image(record)
+        enc = encode_example(processor, record, image)
+        prompt_ids = processor(text=[render_prompt(processor, record)], images=[image], return_tensors="pt")[
+            "input_ids"
+        ][0]
+        n = len(prompt_ids)
+        ids, labels = enc["input_ids"][0], enc["labels"][0]
+        assert torch.equal(ids[:n], prompt_ids)
+        assert (labels[:n] == IGNORE_INDEX).all()
+        assert torch.equal(labels[n:], ids[n:])
+        response = ids[n:]
+        assert response[-1].item() == tokenizer.eos_token_id
+        assert (response == tokenizer.eos_token_id).sum().item() == 1
+        assert tokenizer.decode(response) == RESPONSE_TEXT[family].format(answer=record.response)
+        assert enc["attention_mask"].shape == enc["input_ids"].shape and enc["attention_mask"].all()
+        assert enc["pixel_values"].shape == (1, 3, 32, 32)
+
+
+def test_encode_example_gemma3_carries_token_type_ids(tiny_models, train_data):
+    model, processor = tiny_models.load("gemma3")
+    record = train_data.records[0]
+    enc = encode_example(processor, record, train_data.load_image(record))
+    types = enc["token_type_ids"]
+    assert types.shape == enc["input_ids"].shape
+    # 1 exactly on the image soft tokens, 0 on text, including the eos the trainer appended.
+    assert torch.equal(types, (enc["input_ids"] == model.config.image_token_id).long())
+    assert types.sum().item() == 16 and types[0, -1].item() == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_encode_example_without_image(tiny_models, family):
+    _, processor = tiny_models.load(family)
+    enc = encode_example(processor, text_only_record(), None)
+    assert "pixel_values" not in enc
+    labelled = enc["input_ids"][0][enc["labels"][0] != IGNORE_INDEX]
+    assert processor.tokenizer.decode(labelled) == RESPONSE_TEXT[family].format(answer="two")
+
+
+# ----------------------------------------------------------------------------------------------- collate
+
+
+def toy_example(length: int, first: int, *, with_types: bool = True) -> dict[str, torch.Tensor]:
+    ids = torch.arange(first, first + length).unsqueeze(0)
+    labels = ids.clone()
+    labels[:, : length // 2] = IGNORE_INDEX
+    example = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": torch.full((1, 3, 4, 4), float(first)),
+        "labels": labels,
+    }
+    if with_types:
+        example["token_type_ids"] = torch.ones_like(ids)
+    return example
+
+
+def test_collate_right_padding():
+    short, long = toy_example(3, 10), toy_example(5, 20)
+    batch = collate([short, long], pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[10, 11, 12, 0, 0], [20, 21, 22, 23, 24]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert batch["labels"].tolist() == [[-100, 11, 12, -100, -100], [-100, -100, 22, 23, 24]]
+    assert batch["token_type_ids"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert torch.equal(batch["pixel_values"], torch.cat([short["pixel_values"], long["pixel_values"]]))
+
+
+def test_collate_left_padding():
+    short, long = toy_example(3, 10), toy_example(5, 20)
+    batch = collate([long, short], pad_token_id=7, side="left")
+    assert batch["input_ids"].tolist() == [[20, 21, 22, 23, 24], [7, 7, 10, 11, 12]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]]
+    assert batch["labels"].tolist() == [[-100, -100, 22, 23, 24], [-100, -100, -100, 11, 12]]
+    assert batch["token_type_ids"].tolist() == [[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]]
+    assert batch["pixel_values"].shape == (2, 3, 4, 4)
+    assert batch["pixel_values"][:, 0, 0, 0].tolist() == [20.0, 10.0]
+
+
+def test_collate_keeps_dtypes_and_equal_lengths_unpadded():
+    a, b = toy_example(4, 1), toy_example(4, 9)
+    batch = collate([a, b], pad_token_id=0)
+    assert batch["input_ids"].shape == (2, 4) and batch["attention_mask"].all()
+    assert batch["input_ids"].dtype == torch.int64 and batch["pixel_values"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_collate_real_examples_of_different_lengths(tiny_models, train_data, family):
+    _, processor = tiny_models.load(family)
+    records = sorted(train_data.records[:8], key=lambda r: len(r.query))[::7]  # shortest and longest
+    examples = [encode_example(processor, r, train_data.load_image(r)) for r in records]
+    lengths = [e["input_ids"].shape[1] for e in examples]
+    assert lengths[0] != lengths[1]
+    pad = processor.tokenizer.pad_token_id
+    for side in ("right", "left"):
+        batch = collate(examples, pad, side=side)
+        assert batch["input_ids"].shape == (2, max(lengths))
+        assert batch["attention_mask"].sum(dim=1).tolist() == lengths
+        assert ((batch["attention_mask"] == 0) == (batch["input_ids"] == pad)).all()
+        assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+        assert set(batch) == set(examples[0])
+        assert batch["pixel_values"].shape == (2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("text_first", [True, False], ids=["text-first", "image-first"])
+def test_collate_mixes_image_and_text_only_examples(tiny_models, train_data, text_first):
+    """LLaVA-format data may hold text-only records beside image ones (data.Record.image is optional), so
+    a batch can mix both: the images of the image records must reach the model."""
+    model, processor = tiny_models.load("llava")
+    record = train_data.records[0]
+    with_image = encode_example(processor, record, train_data.load_image(record))
+    text_only = encode_example(processor, text_only_record(), None)
+    examples = [text_only, with_image] if text_first else [with_image, text_only]
+    batch = collate(examples, processor.tokenizer.pad_token_id)
+    assert torch.equal(batch["pixel_values"], with_image["pixel_values"])
+    assert (batch["input_ids"] == model.config.image_token_id).sum().item() == 64
+
+
+# -------------------------------------------------------------------------------------- full fine-tuning
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_finetune_lowers_the_loss(tiny_models, train_data, family):
+    model, processor = tiny_models.load(family)
+    total = sum(p.numel() for p in model.parameters())
+    trained, result = finetune(model, processor, train_data, quick_config())
+    assert len(result.losses) == 8
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert sum(result.losses[-3:]) / 3 < sum(result.losses[:3]) / 3 - 0.2
+    assert result.trainable_parameters == total
+    assert not trained.training
+
+
+def test_finetune_is_deterministic_for_a_seed(tiny_models, train_data):
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("other", 1)):
+        model, processor = tiny_models.load("gemma3")
+        trained, result = finetune(model, processor, train_data, quick_config(seed=seed))
+        runs[name] = (result.losses, trained.state_dict())
+    assert runs["a"][0] == runs["b"][0]
+    assert all(torch.equal(value, runs["b"][1][key]) for key, value in runs["a"][1].items())
+    assert runs["a"][0] != runs["other"][0]
+
+
+def test_full_finetune_can_freeze_the_vision_tower(tiny_models, train_data):
+    model, processor = tiny_models.load("llava")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    vision = {n for n in before if "vision_tower" in n}
+    trained, result = finetune(model, processor, train_data, quick_config(train_vision_tower=False))
+    after = dict(trained.named_parameters())
+    assert vision and all(torch.equal(after[n], before[n]) for n in vision)
+    assert not torch.equal(after["lm_head.weight"], before["lm_head.weight"])
+    assert result.trainable_parameters == sum(p.numel() for n, p in before.items() if n not in vision)
+
+
+def test_finetune_on_images_mixed_with_text_only_records(tiny_models, train_data):
+    model, processor = tiny_models.load("llava")
+    records = [*train_data.records[:5], text_only_record()]
+    _, result = finetune(model, processor, Dataset(records), quick_config(batch_size=6))
+    assert len(result.losses) == 1 and torch.isfinite(torch.tensor(result.losses)).all()
+
+
+def test_finetune_empty_dataset_raises(tiny_models):
+    model, processor = tiny_models.load("llava")
+    with pytest.raises(ValueError, match="empty dataset"):
+        finetune(model, processor, Dataset([]), quick_config())
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_round_trip(tiny_models, train_data, tmp_path):
+    model, processor = tiny_models.load("gemma3")
+    config = quick_config(epochs=0.5)
+    trained, result = finetune(model, processor, train_data, config, tmp_path / "ckpt")
+    out = tmp_path / "ckpt"
+    assert result.output_dir == out
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    summary = json.loads((out / "tcapguard_finetune.json").read_text())
+    assert summary["losses"] == result.losses and len(result.losses) == 4
+    assert summary["config"] == config.to_dict()
+    assert summary["trainable_parameters"] == result.trainable_parameters
+    reloaded, reprocessor = load_model(out)
+    assert reprocessor.chat_template == processor.chat_template
+    batch = encoded_batch(processor, train_data)
+    assert torch.equal(logits(reloaded, batch), logits(trained, batch))
+
+
+# -------------------------------------------------------------------------------------------------- LoRA
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_trains_only_adapters_and_projector(tiny_models, train_data, family):
+    model, processor = tiny_models.load(family)
+    total = sum(p.numel() for p in model.parameters())
+    config = quick_config(method="lora", save="adapter", lora_r=4)
+    peft_model, result = finetune(model, processor, train_data, config)
+    trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert all("lora_" in n or "multi_modal_projector" in n for n in trainable), sorted(trainable)
+    assert any("lora_A" in n and "language_model" in n for n in trainable)
+    assert any("multi_modal_projector" in n for n in trainable)
+    assert not any("vision_tower" in n for n in trainable)
+    assert result.trainable_parameters == sum(p.numel() for p in trainable.values())
+    assert result.trainable_parameters < total / 5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_merged_save_is_a_plain_model(tiny_models, train_data, family, tmp_path):
+    model, processor = tiny_models.load(family)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = quick_config(method="lora", lora_r=4)
+    merged, _ = finetune(model, processor, train_data, config, tmp_path / "merged")
+    after = dict(merged.named_parameters())
+    assert after.keys() == before.keys()
+    vision = [n for n in before if "vision_tower" in n]
+    assert vision and all(torch.equal(after[n], before[n]) for n in vision)
+    for changed in ("multi_modal_projector", "self_attn.q_proj"):
+        names = [n for n in before if changed in n and n.endswith("weight")]
+        assert names and any(not torch.equal(after[n], before[n]) for n in names), changed
+    embed = next(n for n in before if n.endswith("embed_tokens.weight"))
+    assert torch.equal(after[embed], before[embed])
+
+    out = tmp_path / "merged"
+    assert not (out / "adapter_config.json").exists()
+    saved = load_file(out / "model.safetensors")
+    assert not [k for k in saved if any(marker in k for marker in PEFT_MARKERS)]
+    reloaded, _ = load_model(out)
+    batch = encoded_batch(processor, train_data)
+    torch.testing.assert_close(logits(reloaded, batch), logits(merged, batch))
+
+
+def test_lora_adapter_save(tiny_models, train_data, tmp_path):
+    from peft import PeftModel
+
+    model, processor = tiny_models.load("llava")
+    config = quick_config(method="lora", save="adapter", lora_r=4)
+    peft_model, result = finetune(model, processor, train_data, config, tmp_path / "adapter")
+    out = tmp_path / "adapter"
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    assert not (out / "model.safetensors").exists()
+    weights = load_file(out / "adapter_model.safetensors")
+    assert any("lora_A" in k for k in weights) and any("multi_modal_projector" in k for k in weights)
+    assert sum(v.numel() for v in weights.values()) == result.trainable_parameters
+    assert json.loads((out / "tcapguard_finetune.json").read_text())["config"]["save"] == "adapter"
+
+    base, _ = tiny_models.load("llava")
+    restored = PeftModel.from_pretrained(base, out)
+    batch = encoded_batch(processor, train_data)
+    torch.testing.assert_close(logits(restored, batch), logits(peft_model, batch))
+
+
+# ------------------------------------------------------------------------------------------ config errors
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"method": "qlora"}, "method must be one of"),
+        ({"save": "full"}, "save must be one of"),
+        ({"dtype": "float16"}, "dtype must be one of"),
+        ({"method": "full", "save": "adapter"}, "needs method='lora'"),
+        ({"epochs": 0}, "must be positive"),
+        ({"epochs": -1.5}, "must be positive"),
+        ({"batch_size": 0}, "must be positive"),
+        ({"learning_rate": 0.0}, "must be positive"),
+    ],
+)
+def test_config_rejects_bad_settings(settings, message):
+    with pytest.raises(ValueError, match=message):
+        FinetuneConfig(**settings)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_config_rejects_cuda_without_gpu():
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        FinetuneConfig(device="cuda")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        FinetuneConfig(device="cuda:0")
+
+
+def test_config_to_dict_round_trips():
+    config = FinetuneConfig(method="lora", save="adapter", lora_target_modules=["q_proj"], extra={"a": 1})
+    assert FinetuneConfig(**config.to_dict()) == config
