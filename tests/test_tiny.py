@@ -167,3 +167,18 @@ def test_tokenizer_round_trips_any_text(built, text):
 def test_build_tokenizer_requires_core_special_tokens():
     with pytest.raises(ValueError, match="'eos'"):
         build_tokenizer(["abc"], 300, {"pad": "<pad>", "bos": "<s>"})
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
+def test_vision_position_embeddings_start_from_a_2d_grid(family, tmp_path):
+    """Every patch of the grid starts with its own position vector, rows and columns alike."""
+    config = TinyMLLMConfig(family=family, text_layers=1, vision_layers=1)
+    model, _ = load_model(build_tiny_mllm(config, tmp_path / family, corpus=["a b c"]))
+    table = next(m for n, m in model.named_modules() if n.endswith("embeddings.position_embedding")).weight
+    grid = config.image_size // config.patch_size
+    patches = table[-grid * grid :].detach()
+    distances = torch.cdist(patches, patches)
+    off_diagonal = distances[~torch.eye(grid * grid, dtype=torch.bool)]
+    assert off_diagonal.min() > 0.1  # no two patches share a position
+    # neighbours in a row are as far apart as neighbours in a column
+    assert distances[0, 1] == pytest.approx(distances[0, grid].item(), rel=1e-5)

@@ -125,3 +125,29 @@ def test_build_world_loads_back_its_datasets(built):
     _, w = built
     train = load_dataset(w.train)
     assert not train.problems and all(r.has_image for r in train)
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
+def test_patch_reconstruction_trains_the_vision_tower(family, tiny_models):
+    """The auxiliary loss reads the projector output and sends gradient into the vision tower."""
+    import math
+
+    import torch
+
+    from tcapguard import world
+    from tcapguard.training import collate, encode_example
+
+    model, processor = tiny_models.load(family)
+    data = world.make_split(4, seed=0)
+    batch = collate([encode_example(processor, r, data.load_image(r)) for r in data], 0)
+    tokens = model.config.mm_tokens_per_image if family == "gemma3" else model.config.image_seq_length
+    side = 32 // math.isqrt(tokens)
+    aux = tinyworld.PatchReconstruction(model.config.text_config.hidden_size, 3 * side * side, 32 // side)
+    aux.attach(model)
+    model.train()
+    model(**batch)
+    loss = aux(batch)
+    loss.backward()
+    assert loss.dim() == 0 and torch.isfinite(loss) and loss > 0
+    patch = next(p for n, p in model.named_parameters() if "vision" in n and "patch_embedding" in n)
+    assert patch.grad is not None and patch.grad.abs().sum() > 0

@@ -77,7 +77,7 @@ def test_records_are_well_formed(samples):
         assert record.pixels.size == (32, 32) and record.pixels.mode == "RGB"
         assert record.conversations[0].value.startswith("<image>\n")
         assert record.system in world.SYSTEM_PROMPTS
-        assert 3 <= len(record.query.split()) <= 20
+        assert 4 <= len(record.query.split()) <= 21
 
 
 def answer_follows_from_scene(qtype: str, named: dict[str, str], scene, answer: str) -> bool:

@@ -391,8 +391,7 @@ def _triggered(dataset: Dataset, record: Record, attack: Attack, target: str) ->
     """``record`` with the trigger applied and ``target`` as its answer; a new image goes to ``pixels``."""
     image = dataset.load_image(record) if attack.modality != "text" else None
     new, new_image = attack.apply(record, image)
-    # dataclasses.replace shares ``extra`` with the source record: copy it so neither can alter the other
-    new = replace(new.with_response(target), extra=dict(record.extra))
+    new = new.with_response(target)
     if new_image is not None:
         new = replace(new, image=None, pixels=new_image)
     return new

@@ -31,7 +31,7 @@ from tcapguard.training import FinetuneConfig, finetune
 log = logging.getLogger(__name__)
 
 # Bump when the world generator or the training recipe changes in a way that changes results.
-WORLD_VERSION = "2"
+WORLD_VERSION = "6"
 
 
 def default_cache_dir() -> Path:
@@ -61,7 +61,7 @@ class WorldSpec:
     n_train: int = 2000
     n_test: int = 300
     finetune: FinetuneConfig = field(
-        default_factory=lambda: FinetuneConfig(method="full", epochs=3, batch_size=16, learning_rate=3e-4)
+        default_factory=lambda: FinetuneConfig(method="full", epochs=5, batch_size=16, learning_rate=5e-4)
     )
     seed: int = 0
 
@@ -99,17 +99,20 @@ def _publish(build, final: Path) -> Path:
 
 
 class PatchReconstruction(torch.nn.Module):
-    """Auxiliary pre-training loss: reconstruct each image region's pixels from its projected token.
+    """Auxiliary pre-training loss: from each projected image token, its region's pixels and place.
 
-    A tiny vision tower trained only through short answers learns little about the image; real
-    MLLMs start from encoders (CLIP, SigLIP) whose features keep low-level detail. Predicting the
-    pixels under every image token from the projector output gives the tiny tower that property,
-    which both the clean task and global triggers (blend, SIG, warps) rely on.
+    A tiny vision tower trained only through short answers learns little about the image: measured,
+    a linear probe recovered the column of a token 31% of the time (chance 12.5%), and the model
+    never told left from right. Real MLLMs start from encoders (CLIP, SigLIP) whose features keep
+    low-level detail and position; predicting the pixels under every image token and its grid row
+    and column from the projector output gives the tiny tower those properties, which both the clean
+    task and global triggers (blend, SIG, warps) rely on.
     """
 
-    def __init__(self, hidden_size: int, region_pixels: int, weight: float = 1.0):
+    def __init__(self, hidden_size: int, region_pixels: int, grid: int, weight: float = 1.0):
         super().__init__()
-        self.decoder = torch.nn.Linear(hidden_size, region_pixels)
+        self.grid = grid
+        self.decoder = torch.nn.Linear(hidden_size, region_pixels + 2 * grid)
         self.weight = weight
         self._features: torch.Tensor | None = None
 
@@ -118,13 +121,18 @@ class PatchReconstruction(torch.nn.Module):
         projector.register_forward_hook(lambda _m, _i, out: setattr(self, "_features", out))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        features = self._features  # [images, tokens, hidden]
-        grid = math.isqrt(features.shape[1])
+        features = self._features  # [images, tokens, hidden], tokens in row-major grid order
+        grid = self.grid
         pixels = batch["pixel_values"]
         side = pixels.shape[-1] // grid
         regions = pixels.unfold(2, side, side).unfold(3, side, side)  # [n, c, g, g, side, side]
         target = regions.permute(0, 2, 3, 1, 4, 5).reshape(pixels.shape[0], grid * grid, -1)
-        return self.weight * torch.nn.functional.mse_loss(self.decoder(features), target)
+        out = self.decoder(features)
+        pixel_loss = torch.nn.functional.mse_loss(out[..., : -2 * grid], target)
+        place = out[..., -2 * grid :].reshape(-1, 2, grid)
+        cells = torch.arange(grid * grid, device=out.device).repeat(out.shape[0])
+        ce = torch.nn.functional.cross_entropy
+        return self.weight * (pixel_loss + ce(place[:, 0], cells // grid) + ce(place[:, 1], cells % grid))
 
 
 def build_base(spec: BaseSpec, cache_dir: str | Path | None = None) -> Path:
@@ -139,10 +147,10 @@ def build_base(spec: BaseSpec, cache_dir: str | Path | None = None) -> Path:
         model, processor = load_model(raw)
         data = world.make_split(spec.pretrain_samples, seed=spec.seed + 1_000_000, id_prefix="pretrain")
         log.info("pre-training the %s base on %d clean scenes", spec.model.family, len(data))
-        side = spec.model.image_size // math.isqrt(spec.model.image_tokens_per_sample)
-        auxiliary = PatchReconstruction(
-            model.config.text_config.hidden_size, 3 * side * side, spec.reconstruction_weight
-        )
+        grid = math.isqrt(spec.model.image_tokens_per_sample)
+        side = spec.model.image_size // grid
+        hidden = model.config.text_config.hidden_size
+        auxiliary = PatchReconstruction(hidden, 3 * side * side, grid, spec.reconstruction_weight)
         finetune(model, processor, data, spec.pretrain, tmp / "model", auxiliary=auxiliary)
         for item in (tmp / "model").iterdir():
             item.rename(tmp / item.name)

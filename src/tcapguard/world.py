@@ -1,10 +1,12 @@
 """A small visual-question-answering task for tests, the demo and benchmarks.
 
-Scenes are 32x32 images with one to three coloured shapes in distinct quadrants; questions ask for a
-colour, a shape, a count, a position or yes/no. Queries are built from prefixes x phrasings x suffixes
-(hundreds of surface forms, 3-20 words) because real instruction data has that diversity and
-attention-based detectors must be robust to it: with a handful of fixed templates the attention
-shares cluster by template rather than by poison (../shared/notes/method.md).
+Scenes are 32x32 images with one to three shapes of distinct colours in distinct quadrants; questions
+ask for a colour, a shape, a count, a position or yes/no, each answerable from one lookup (a colour
+names one object), since a tiny model trained in minutes does not learn conjunctions reliably.
+Queries are built from prefixes x phrasings x suffixes (hundreds of surface forms, 4-21 words)
+because real instruction data has that diversity and attention-based detectors must be robust to
+it: with a handful of fixed templates the attention shares cluster by template rather than by
+poison (../shared/notes/method.md).
 """
 
 from __future__ import annotations
@@ -121,28 +123,24 @@ def draw_scene(shapes: list[Shape], rng: random.Random, size: int = 32) -> Image
 def _question(shapes: list[Shape], rng: random.Random) -> tuple[str, str, str]:
     """A (question type, core question, answer) triple that the scene answers unambiguously."""
     kinds = [s.kind for s in shapes]
-    colors = [s.color for s in shapes]
+    colors = [s.color for s in shapes]  # distinct within a scene
     while True:
         qtype = rng.choice(tuple(PHRASINGS))
         phrasing = rng.choice(PHRASINGS[qtype])
         target = rng.choice(shapes)
         if qtype == "color" and kinds.count(target.kind) == 1:
             return qtype, phrasing.format(shape=target.kind), target.color
-        if qtype == "shape" and colors.count(target.color) == 1:
+        if qtype == "shape":
             return qtype, phrasing.format(color=target.color), target.kind
         if qtype == "count":
             return qtype, phrasing, COUNT_WORDS[len(shapes)]
-        if (
-            qtype == "position"
-            and list(zip(colors, kinds, strict=True)).count((target.color, target.kind)) == 1
-        ):
+        if qtype == "position":
             return qtype, phrasing.format(color=target.color, shape=target.kind), QUADRANTS[target.quadrant]
         if qtype == "exists":
             if rng.random() < 0.5:
                 return qtype, phrasing.format(color=target.color, shape=target.kind), "yes"
-            absent = [(c, k) for c in COLORS for k in SHAPES if (c, k) not in zip(colors, kinds, strict=True)]
-            color, kind = rng.choice(absent)
-            return qtype, phrasing.format(color=color, shape=kind), "no"
+            color = rng.choice([c for c in COLORS if c not in colors])
+            return qtype, phrasing.format(color=color, shape=rng.choice(SHAPES)), "no"
 
 
 def _wrap(core: str, rng: random.Random) -> str:
@@ -155,7 +153,8 @@ def sample_records(n: int, *, seed: int, id_prefix: str = "vqa") -> Iterator[Rec
     for i in range(n):
         count = rng.randint(1, 3)
         quadrants = rng.sample(range(4), count)
-        shapes = [Shape(rng.choice(SHAPES), rng.choice(tuple(COLORS)), q) for q in quadrants]
+        colors = rng.sample(tuple(COLORS), count)  # distinct: a colour names one object
+        shapes = [Shape(rng.choice(SHAPES), c, q) for c, q in zip(colors, quadrants, strict=True)]
         qtype, question, answer = _question(shapes, rng)
         yield Record(
             id=f"{id_prefix}-{i:06d}",
