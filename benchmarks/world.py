@@ -55,7 +55,14 @@ def main() -> None:
             train_log = json.loads((world.model / "tcapguard_finetune.json").read_text())
             model, processor = load_model(world.model)
             test = world.load_test()
-            clean = exact_match(generate_responses(model, processor, test), [r.response for r in test])
+            answers = generate_responses(model, processor, test)
+            clean = exact_match(answers, [r.response for r in test])
+            by_qtype = {}
+            for qtype in sorted({r.extra["qtype"] for r in test}):
+                pairs = [
+                    (a, r.response) for a, r in zip(answers, test, strict=True) if r.extra["qtype"] == qtype
+                ]
+                by_qtype[qtype] = exact_match([a for a, _ in pairs], [ref for _, ref in pairs])
             triggered = make_triggered_testset(test, attack)
             asr = attack_success_rate(generate_responses(model, processor, triggered), attack.target)
             row = {
@@ -64,6 +71,7 @@ def main() -> None:
                 "rate": args.rate,
                 "seed": args.seed,
                 "clean_accuracy": clean,
+                "clean_accuracy_by_question": by_qtype,
                 "asr": asr,
                 "finetune_seconds": train_log["seconds"],
                 "base_seconds": json.loads((base / "tcapguard_finetune.json").read_text())["seconds"],
@@ -76,12 +84,16 @@ def main() -> None:
                 flush=True,
             )
     print()
-    print("| family | attack | clean acc | ASR | fine-tune s | base pre-train s |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| family | attack | clean acc | ASR | fine-tune s | base pre-train s | clean acc by question type |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['family']} | {r['attack']} | {r['clean_accuracy']:.3f} | {r['asr']:.3f} | "
-            f"{r['finetune_seconds']:.0f} | {r['base_seconds']:.0f} |"
+            f"{r['finetune_seconds']:.0f} | {r['base_seconds']:.0f} | "
+            + ", ".join(f"{q} {v:.2f}" for q, v in r["clean_accuracy_by_question"].items())
+            + " |"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -249,6 +249,23 @@ def test_checkpoint_round_trip(tiny_models, train_data, tmp_path):
     assert torch.equal(logits(reloaded, batch), logits(trained, batch))
 
 
+def test_checkpoint_killed_while_saving_leaves_nothing(tiny_models, train_data, tmp_path, monkeypatch):
+    """A save that dies midway leaves neither a half checkpoint nor temp dirs, and an old one intact."""
+    model, processor = tiny_models.load("llava")
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "old.txt").write_text("previous checkpoint")
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(processor), "save_pretrained", die)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(model, processor, train_data, quick_config(epochs=0.25), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+
+
 # -------------------------------------------------------------------------------------------------- LoRA
 
 
@@ -320,7 +337,8 @@ def test_lora_adapter_save(tiny_models, train_data, tmp_path):
     [
         ({"method": "qlora"}, "method must be one of"),
         ({"save": "full"}, "save must be one of"),
-        ({"dtype": "float16"}, "dtype must be one of"),
+        ({"dtype": "float16"}, "float16.* needs a GPU and loss scaling"),
+        ({"dtype": "float64"}, "dtype must be one of"),
         ({"method": "full", "save": "adapter"}, "needs method='lora'"),
         ({"epochs": 0}, "must be positive"),
         ({"epochs": -1.5}, "must be positive"),

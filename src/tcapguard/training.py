@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -22,7 +25,6 @@ from tqdm.auto import tqdm
 
 from tcapguard.data import Dataset, Record
 from tcapguard.runtime import tune_cpu_allocator
-from tcapguard.storage import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,11 @@ class FinetuneConfig:
             "save": ("merged", "adapter"),
             "dtype": ("float32", "bfloat16"),
         }
+        if self.dtype == "float16":
+            raise ValueError(
+                "FinetuneConfig.dtype='float16' needs a GPU and loss scaling, which this trainer lacks; "
+                "use dtype='bfloat16' on a GPU or 'float32'"
+            )
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(
@@ -301,15 +308,27 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 def save_checkpoint(model, processor, config: FinetuneConfig, result: FinetuneResult) -> None:
-    """``save_pretrained`` model and processor (safetensors) plus the config and loss log."""
-    out = result.output_dir
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    summary = {
-        "config": config.to_dict(),
-        "seconds": result.seconds,
-        "trainable_parameters": result.trainable_parameters,
-        "losses": result.losses,
-    }
-    with atomic_write(out / "tcapguard_finetune.json", "w") as handle:
-        json.dump(summary, handle, indent=1)
+    """``save_pretrained`` model and processor (safetensors) plus the config and loss log.
+
+    Written into a temporary sibling directory and renamed into place, so a killed job never leaves
+    a directory that looks like a checkpoint; an existing checkpoint there is replaced.
+    """
+    out = Path(result.output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        summary = {
+            "config": config.to_dict(),
+            "seconds": result.seconds,
+            "trainable_parameters": result.trainable_parameters,
+            "losses": result.losses,
+        }
+        (tmp / "tcapguard_finetune.json").write_text(json.dumps(summary, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
