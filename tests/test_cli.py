@@ -41,6 +41,11 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+def finetune_argv(model, data, out) -> list:
+    """The required arguments of ``tcapguard finetune``."""
+    return ["finetune", "--model", model, "--data", data, "--out", out]
+
+
 # ------------------------------------------------------------------------------------------- subcommands
 
 
@@ -129,13 +134,7 @@ def test_finetune_full(tiny_models, vqa, tmp_path, capsys):
     out_dir = tmp_path / "ft"
     code, out, _ = run(
         capsys,
-        "finetune",
-        "--model",
-        tiny_models.path("llava"),
-        "--data",
-        vqa / "train.json",
-        "--out",
-        out_dir,
+        *finetune_argv(tiny_models.path("llava"), vqa / "train.json", out_dir),
         "--epochs",
         1,
         "--batch-size",
@@ -167,13 +166,7 @@ def test_finetune_lora_from_config_file_with_flag_overrides(tiny_models, vqa, tm
     out_dir = tmp_path / "lora"
     code, _, _ = run(
         capsys,
-        "finetune",
-        "--model",
-        tiny_models.path("gemma3"),
-        "--data",
-        vqa / "train.json",
-        "--out",
-        out_dir,
+        *finetune_argv(tiny_models.path("gemma3"), vqa / "train.json", out_dir),
         "--config",
         config,
         "--epochs",
@@ -193,13 +186,7 @@ def test_finetune_lenient_skips_bad_records(tiny_models, bad_dataset, tmp_path, 
     with caplog.at_level(logging.WARNING, logger="tcapguard"):
         code, out, _ = run(
             capsys,
-            "finetune",
-            "--model",
-            tiny_models.path("llava"),
-            "--data",
-            bad_dataset,
-            "--out",
-            tmp_path / "ft",
+            *finetune_argv(tiny_models.path("llava"), bad_dataset, tmp_path / "ft"),
             "--epochs",
             0.5,
             "--lenient",
@@ -221,13 +208,7 @@ def test_poison_bad_record_exits_2_naming_the_record(bad_dataset, tmp_path, caps
 def test_finetune_bad_record_exits_2_naming_the_record(tiny_models, bad_dataset, tmp_path, capsys):
     code, _, err = run(
         capsys,
-        "finetune",
-        "--model",
-        tiny_models.path("llava"),
-        "--data",
-        bad_dataset,
-        "--out",
-        tmp_path / "ft",
+        *finetune_argv(tiny_models.path("llava"), bad_dataset, tmp_path / "ft"),
     )
     assert code == 2 and "broken-7" in err and "tcapguard finetune: error:" in err
     assert not (tmp_path / "ft").exists()
@@ -245,13 +226,7 @@ def test_finetune_missing_config_file_exits_2(tiny_models, vqa, tmp_path, capsys
     missing = tmp_path / "nope.json"
     code, _, err = run(
         capsys,
-        "finetune",
-        "--model",
-        tiny_models.path("llava"),
-        "--data",
-        vqa / "train.json",
-        "--out",
-        tmp_path / "ft",
+        *finetune_argv(tiny_models.path("llava"), vqa / "train.json", tmp_path / "ft"),
         "--config",
         missing,
     )
@@ -264,13 +239,7 @@ def test_finetune_config_file_with_unknown_key_exits_2(tiny_models, vqa, tmp_pat
     config.write_text(json.dumps({"epoch": 1}))
     code, _, err = run(
         capsys,
-        "finetune",
-        "--model",
-        tiny_models.path("llava"),
-        "--data",
-        vqa / "train.json",
-        "--out",
-        tmp_path / "ft",
+        *finetune_argv(tiny_models.path("llava"), vqa / "train.json", tmp_path / "ft"),
         "--config",
         config,
     )
@@ -281,13 +250,7 @@ def test_finetune_config_file_with_unknown_key_exits_2(tiny_models, vqa, tmp_pat
 def test_finetune_cuda_without_gpu_exits_2(tiny_models, vqa, tmp_path, capsys):
     code, _, err = run(
         capsys,
-        "finetune",
-        "--model",
-        tiny_models.path("llava"),
-        "--data",
-        vqa / "train.json",
-        "--out",
-        tmp_path / "ft",
+        *finetune_argv(tiny_models.path("llava"), vqa / "train.json", tmp_path / "ft"),
         "--device",
         "cuda",
     )

@@ -284,6 +284,34 @@ def _image_processor(config: TinyMLLMConfig):
     return GemmaProcessor(size={"height": side, "width": side})
 
 
+def _vision_settings(config: TinyMLLMConfig) -> dict[str, int]:
+    """Vision-tower config fields shared by CLIP and SigLIP."""
+    return {
+        "hidden_size": config.vision_hidden,
+        "intermediate_size": config.vision_intermediate,
+        "num_hidden_layers": config.vision_layers,
+        "num_attention_heads": config.vision_heads,
+        "image_size": config.image_size,
+        "patch_size": config.patch_size,
+    }
+
+
+def _text_settings(config: TinyMLLMConfig, tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    """Text-model config fields shared by Llama and Gemma3."""
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": config.text_hidden,
+        "intermediate_size": config.text_intermediate,
+        "num_hidden_layers": config.text_layers,
+        "num_attention_heads": config.text_heads,
+        "num_key_value_heads": config.kv_heads,
+        "max_position_embeddings": config.max_position_embeddings,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
 def _llava(config: TinyMLLMConfig, tokenizer: PreTrainedTokenizerFast):
     from transformers import (
         CLIPVisionConfig,
@@ -296,27 +324,10 @@ def _llava(config: TinyMLLMConfig, tokenizer: PreTrainedTokenizerFast):
     # "default" drops CLS, as llava-1.5 does; the last vision layer is used so no weights sit idle.
     strategy = "default"
     vision = CLIPVisionConfig(
-        hidden_size=config.vision_hidden,
-        intermediate_size=config.vision_intermediate,
-        num_hidden_layers=config.vision_layers,
-        num_attention_heads=config.vision_heads,
-        image_size=config.image_size,
-        patch_size=config.patch_size,
+        **_vision_settings(config),
         projection_dim=config.text_hidden,
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=config.text_hidden,
-        intermediate_size=config.text_intermediate,
-        num_hidden_layers=config.text_layers,
-        num_attention_heads=config.text_heads,
-        num_key_value_heads=config.kv_heads,
-        max_position_embeddings=config.max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    text = LlamaConfig(**_text_settings(config, tokenizer), tie_word_embeddings=False)
     model_config = LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -347,30 +358,16 @@ def _gemma3(config: TinyMLLMConfig, tokenizer: PreTrainedTokenizerFast):
 
     head_dim = config.text_hidden // config.text_heads
     vision = SiglipVisionConfig(
-        hidden_size=config.vision_hidden,
-        intermediate_size=config.vision_intermediate,
-        num_hidden_layers=config.vision_layers,
-        num_attention_heads=config.vision_heads,
-        image_size=config.image_size,
-        patch_size=config.patch_size,
+        **_vision_settings(config),
         vision_use_head=False,
     )
     text = Gemma3TextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=config.text_hidden,
-        intermediate_size=config.text_intermediate,
-        num_hidden_layers=config.text_layers,
-        num_attention_heads=config.text_heads,
-        num_key_value_heads=config.kv_heads,
+        **_text_settings(config, tokenizer),
         head_dim=head_dim,
         query_pre_attn_scalar=head_dim,
-        max_position_embeddings=config.max_position_embeddings,
         # Real Gemma3 interleaves 5 sliding-window layers with 1 global; a window as long as the context
         # keeps that structure without letting it change any result.
         sliding_window=config.max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
     model_config = Gemma3Config(
         vision_config=vision,
