@@ -8,8 +8,9 @@ only once its upload completes).
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -99,3 +100,22 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
         return
     with atomic_write(uri) as handle:
         handle.write(data)
+
+
+def publish_directory(final: str | os.PathLike, build: Callable[[Path], None]) -> Path:
+    """Run ``build`` on a temporary sibling of ``final`` and rename it into place (replacing ``final``).
+
+    A killed or failed build leaves neither a half-written ``final`` nor the temporary directory.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        build(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

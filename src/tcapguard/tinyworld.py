@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from tcapguard import __version__, world
 from tcapguard.attacks import Attack, PoisonManifest, poison_dataset
 from tcapguard.data import Dataset, load_dataset, save_dataset
 from tcapguard.models import load_model
+from tcapguard.storage import publish_directory
 from tcapguard.tiny import TinyMLLMConfig, build_tiny_mllm
 from tcapguard.training import FinetuneConfig, finetune
 
@@ -83,19 +83,6 @@ def _spec_dict(spec) -> dict:
     if "base" in out:
         out["base"]["pretrain"].pop("num_threads", None)
     return out
-
-
-def _publish(build, final: Path) -> Path:
-    """Build into a temporary sibling and rename, so a killed build never leaves a half world."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        build(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
 
 
 class PatchReconstruction(torch.nn.Module):
@@ -158,7 +145,7 @@ def build_base(spec: BaseSpec, cache_dir: str | Path | None = None) -> Path:
         (tmp / "model").rmdir()
         (tmp / "spec.json").write_text(json.dumps(_spec_dict(spec), indent=1))
 
-    return _publish(build, final)
+    return publish_directory(final, build)
 
 
 @dataclass
@@ -219,5 +206,5 @@ def build_world(spec: WorldSpec, cache_dir: str | Path | None = None) -> World:
             finetune(model, processor, load_dataset(w.train), spec.finetune, w.model)
             (tmp / "spec.json").write_text(json.dumps(_spec_dict(spec), indent=1))
 
-        _publish(build, final)
+        publish_directory(final, build)
     return paths(final)

@@ -10,10 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -25,6 +22,7 @@ from tqdm.auto import tqdm
 
 from tcapguard.data import Dataset, Record
 from tcapguard.runtime import tune_cpu_allocator
+from tcapguard.storage import publish_directory
 
 log = logging.getLogger(__name__)
 
@@ -313,10 +311,8 @@ def save_checkpoint(model, processor, config: FinetuneConfig, result: FinetuneRe
     Written into a temporary sibling directory and renamed into place, so a killed job never leaves
     a directory that looks like a checkpoint; an existing checkpoint there is replaced.
     """
-    out = Path(result.output_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         summary = {
@@ -326,9 +322,5 @@ def save_checkpoint(model, processor, config: FinetuneConfig, result: FinetuneRe
             "losses": result.losses,
         }
         (tmp / "tcapguard_finetune.json").write_text(json.dumps(summary, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    publish_directory(result.output_dir, write)
