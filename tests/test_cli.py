@@ -14,6 +14,7 @@ from tcapguard.attacks import DEFAULT_TARGET, PoisonManifest
 from tcapguard.cli import main
 from tcapguard.data import load_dataset
 from tcapguard.models import load_model
+from tcapguard.profiling import load_profile
 
 N_TRAIN, N_TEST = 10, 4
 
@@ -284,3 +285,44 @@ def test_usage_errors_exit_2(capsys):
         main(["poison", "data.json", "--out", "x.json"])  # --attack missing
     assert info.value.code == 2
     assert "--attack" in capsys.readouterr().err
+
+
+def test_profile_workers_split_the_shards(capsys, vqa, tiny_models, tmp_path):
+    model = tiny_models.path("llava")
+    argv = [
+        "profile",
+        "--model",
+        model,
+        "--data",
+        vqa / "train.json",
+        "--out",
+        tmp_path / "p",
+        "--shard-size",
+        "3",
+        "--workers",
+        "2",
+    ]
+    for worker in ("0", "1"):
+        code, out, _ = run(capsys, *argv, "--worker", worker)
+        assert code == 0, out
+        assert "2 of 4 shards by this worker" in out
+    profile = load_profile(tmp_path / "p")
+    assert len(profile.ids) == N_TRAIN and len(set(profile.ids)) == N_TRAIN
+
+
+def test_profile_bad_worker_index(capsys, vqa, tiny_models, tmp_path):
+    code, _, err = run(
+        capsys,
+        "profile",
+        "--model",
+        tiny_models.path("llava"),
+        "--data",
+        vqa / "train.json",
+        "--out",
+        tmp_path / "p",
+        "--worker",
+        "2",
+        "--workers",
+        "2",
+    )
+    assert code == 2 and "--worker must be in [0, --workers)" in err

@@ -69,6 +69,30 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_profile(args: argparse.Namespace) -> None:
+    from tcapguard.data import load_dataset
+    from tcapguard.models import load_model
+    from tcapguard.profiling import ProfileConfig, profile_dataset
+
+    settings = json.loads(Path(args.config).read_text()) if args.config else {}
+    for name in ("batch_size", "shard_size", "device", "dtype"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    config = ProfileConfig.from_dict(settings)
+    if not 0 <= args.worker < args.workers:
+        raise ValueError(f"--worker must be in [0, --workers), got {args.worker} of {args.workers}")
+    dataset = load_dataset(args.data)
+    model, processor = load_model(
+        args.model, device=config.device, dtype=config.dtype, attn_implementation=config.attn_implementation
+    )
+    n_shards = max(1, -(-len(dataset) // config.shard_size))
+    shards = range(args.worker, n_shards, args.workers)
+    out = profile_dataset(
+        model, processor, dataset, args.out, config=config, shards=shards, model_name=str(args.model)
+    )
+    print(f"profiled {len(dataset)} records ({len(shards)} of {n_shards} shards by this worker) -> {out}")
+
+
 def cmd_make_world(args: argparse.Namespace) -> None:
     from tcapguard.world import write_vqa_world
 
@@ -123,6 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu | cuda")
     p.add_argument("--lenient", action="store_true", help="skip bad records instead of failing")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("profile", help="tri-component attention profile of every record (sharded, resumable)")
+    p.add_argument("--model", required=True, help="the model fine-tuned on the upload (dir, s3:// or hub id)")
+    p.add_argument("--data", required=True, help="the uploaded dataset (path or s3:// URI)")
+    p.add_argument("--out", required=True, help="profile directory or s3:// prefix (resumes if present)")
+    p.add_argument("--config", help="JSON file with ProfileConfig fields")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--shard-size", type=int, help="records per shard (the unit of resume and parallelism)")
+    p.add_argument("--device", help="cpu | cuda | auto")
+    p.add_argument("--dtype", help="float32 | bfloat16 | float16")
+    p.add_argument("--worker", type=int, default=0, help="this worker's index (shards worker, worker+N, ...)")
+    p.add_argument("--workers", type=int, default=1, help="number of parallel workers N")
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("make-world", help="write the tiny VQA task (train.json, test.json, PNG images)")
     p.add_argument("out")

@@ -161,8 +161,8 @@ def load_model(
     ``source`` is a local directory, an ``s3://bucket/prefix`` (downloaded once into :func:`cache_root`)
     or a hub id (only where the hub is reachable). The processor must carry a chat template, since
     tcapguard renders every prompt through it. ``device="auto"`` means CUDA where available, else CPU.
-    ``attn_implementation`` passes through (default: transformers' choice, SDPA); attention profiles need
-    ``"eager"``, since SDPA returns no attention weights for ``output_attentions=True``.
+    ``attn_implementation`` passes through (default: transformers' choice, SDPA); the attention profiler
+    works with any of them, since it wraps the kernel rather than asking for attention weights.
     """
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor

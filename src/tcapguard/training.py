@@ -13,13 +13,14 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tcapguard.config import StepConfig
 from tcapguard.data import Dataset, Record
 from tcapguard.runtime import tune_cpu_allocator
 from tcapguard.storage import publish_directory
@@ -34,7 +35,7 @@ PROJECTOR_MODULES = ("multi_modal_projector", "merger", "connector")
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(StepConfig):
     """How to fine-tune. Defaults suit the tiny world; real models want ``method="lora"``."""
 
     method: str = "full"  # "full" or "lora"
@@ -55,16 +56,6 @@ class FinetuneConfig:
     dtype: str = "float32"  # "float32" or "bfloat16"; float16 training needs a GPU and a scaler
     num_threads: int | None = None  # torch CPU threads; None keeps torch's default
     extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> FinetuneConfig:
-        """A config from JSON-style settings; unknown keys are an error naming them."""
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(
-                f"unknown FinetuneConfig field(s) {unknown}; valid: {[f.name for f in fields(cls)]}"
-            )
-        return cls(**data)
 
     def __post_init__(self) -> None:
         choices = {
@@ -90,9 +81,6 @@ class FinetuneConfig:
             raise ValueError(
                 f"FinetuneConfig.device={self.device!r} but this machine has no CUDA GPU; use device='cpu'"
             )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def to_messages(record: Record, *, with_response: bool) -> list[dict]:
