@@ -1,0 +1,540 @@
+"""The main job: probe fine-tune -> profile -> filter -> fine-tune -> evaluate -> gate.
+
+Each step is a plain function with explicit inputs and outputs (URIs of datasets, model directories,
+profiles, reports), so the CLI, the Airflow DAG and the Kubeflow pipeline call the same code and each
+step can run in its own container. :func:`run` chains them for one config file and tracks the run in
+MLflow (a parent run, a nested run per step).
+
+Steps are idempotent: a step's outputs live under ``<work_dir>/<step>-<key>``, where the key hashes
+the step's settings and its inputs' keys (the upload's bytes for the data, the source for the base
+model). A finished step leaves a marker written last; a re-run with the same config and inputs reuses
+it, and a killed run resumes at the first unfinished step (the profile step also resumes shard by
+shard).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from tcapguard import __version__
+from tcapguard.attacks import Attack
+from tcapguard.config import StepConfig
+from tcapguard.data import Dataset, load_dataset, save_dataset
+from tcapguard.detection import FilterConfig
+from tcapguard.evaluation import Detection, EvaluationConfig
+from tcapguard.gate import GatePolicy
+from tcapguard.profiling import ProfileConfig
+from tcapguard.storage import StorageError, is_s3, read_bytes, write_bytes
+from tcapguard.training import FinetuneConfig
+
+log = logging.getLogger(__name__)
+
+STEPS = ("probe-finetune", "profile", "filter", "finetune", "evaluate", "gate")
+MARKER = "_tcapguard_step.json"
+
+
+class PipelineConfigError(ValueError):
+    """The pipeline config is malformed; the message names the file and the field."""
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class ModelSettings(StepConfig):
+    """The base model to protect: a local directory, ``s3://`` prefix, ``models:/`` URI or hub id."""
+
+    source: str = ""
+    device: str = "cpu"
+    dtype: str = "auto"
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise ValueError("source is required (a model directory, s3:// prefix, models:/ URI or hub id)")
+
+
+@dataclass
+class DataSettings(StepConfig):
+    """The customer's upload and the clean test split (LLaVA-format files, paths or ``s3://`` URIs)."""
+
+    train: str = ""
+    test: str = ""
+    triggered_test: str | None = None  # a user-supplied triggered split for ASR (else built from attacks)
+    manifest: str | None = None  # ground truth of poisoned ids (red-team runs): detection P/R/F1
+    strict: bool = True  # False: skip malformed records (reported) instead of failing
+
+    def __post_init__(self) -> None:
+        if not self.train or not self.test:
+            raise ValueError("train and test are required")
+
+
+@dataclass
+class TrackingSettings(StepConfig):
+    """MLflow: where runs go and under which registered model name candidates are versioned."""
+
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else a local sqlite store
+    experiment: str = "tcapguard"
+    registered_model: str = "tcapguard-model"
+
+
+@dataclass
+class PipelineConfig(StepConfig):
+    """Everything :func:`run` needs; one YAML file. Sections are the steps' own configs."""
+
+    model: ModelSettings
+    data: DataSettings
+    work_dir: str = ".tcapguard/runs"  # local directory or s3:// prefix for every step's outputs
+    probe: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(method="lora"))
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    filter_enabled: bool = True  # False: fine-tune on the whole upload (a baseline; the gate should fail)
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(method="lora"))
+    attacks: list[Attack] = field(default_factory=list)  # attack-eval suite for ASR (red-team probes)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    evaluate_probe: bool = True  # also evaluate the probe model: "before" figures and the clean drop
+    gate: GatePolicy = field(default_factory=GatePolicy)
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
+
+    SECTIONS = {
+        "model": ModelSettings,
+        "data": DataSettings,
+        "probe": FinetuneConfig,
+        "profile": ProfileConfig,
+        "filter": FilterConfig,
+        "finetune": FinetuneConfig,
+        "evaluation": EvaluationConfig,
+        "gate": GatePolicy,
+        "tracking": TrackingSettings,
+    }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> PipelineConfig:
+        """Validate every section; each error names the section and field (``probe: ...``)."""
+        if not isinstance(data, dict):
+            raise PipelineConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise PipelineConfigError(f"{source}: unknown section(s) {unknown}; valid: {names}")
+        missing = [name for name in ("model", "data") if name not in data]
+        if missing:
+            raise PipelineConfigError(f"{source}: missing required section(s) {missing}")
+        kwargs: dict[str, Any] = {}
+        for name, value in data.items():
+            section = cls.SECTIONS.get(name)
+            try:
+                if section is not None:
+                    if not isinstance(value, dict):
+                        raise ValueError(f"expected a mapping, got {type(value).__name__}")
+                    kwargs[name] = section.from_dict(value)
+                elif name == "attacks":
+                    kwargs[name] = [_attack(a) for a in value or []]
+                else:
+                    kwargs[name] = value
+            except (TypeError, ValueError, KeyError) as err:
+                raise PipelineConfigError(f"{source}: {name}: {err}") from err
+        config = cls(**kwargs)
+        if not isinstance(config.work_dir, str) or not config.work_dir:
+            raise PipelineConfigError(f"{source}: work_dir must be a non-empty path or s3:// prefix")
+        return config
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> PipelineConfig:
+        import yaml
+
+        try:
+            data = yaml.safe_load(read_bytes(path))
+        except yaml.YAMLError as err:
+            raise PipelineConfigError(f"{path}: not valid YAML: {err}") from err
+        return cls.from_dict(data or {}, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "attacks":
+                out[f.name] = [a.to_dict() for a in value]
+            elif hasattr(value, "to_dict"):
+                out[f.name] = value.to_dict()
+            else:
+                out[f.name] = asdict(value) if hasattr(value, "__dataclass_fields__") else value
+        return out
+
+
+def _attack(spec: Any) -> Attack:
+    """An attack from a preset name (``badnet``) or a mapping ``{kind, params?, target?}``."""
+    if isinstance(spec, str):
+        return Attack.preset(spec)
+    if isinstance(spec, dict) and "kind" in spec:
+        if "params" in spec:
+            return Attack.from_dict(spec)
+        overrides = {k: v for k, v in spec.items() if k != "kind"}
+        return Attack.preset(spec["kind"], **overrides)
+    raise ValueError(f"an attack is a preset name or a mapping with 'kind', got {spec!r}")
+
+
+# ----------------------------------------------------------------------------------------- step cache
+
+
+def _join(root: str, *parts: str) -> str:
+    if is_s3(root):
+        return "/".join([root.rstrip("/"), *parts])
+    return str(Path(root, *parts))
+
+
+def _key(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def file_key(uri: str) -> str:
+    """Content hash of a file (the upload, the test split): same bytes, same key."""
+    return hashlib.sha256(read_bytes(uri)).hexdigest()[:16]
+
+
+def is_finished(step_dir: str) -> bool:
+    try:
+        read_bytes(_join(step_dir, MARKER))
+    except StorageError:
+        return False
+    return True
+
+
+def _finish(step_dir: str, outputs: dict[str, Any]) -> None:
+    """Write the marker last: its presence means every output of the step is complete."""
+    body = {"tcapguard_version": __version__, "finished": time.time(), "outputs": outputs}
+    write_bytes(_join(step_dir, MARKER), json.dumps(body, indent=1, default=str).encode())
+
+
+def _outputs(step_dir: str) -> dict[str, Any]:
+    return json.loads(read_bytes(_join(step_dir, MARKER)))["outputs"]
+
+
+def _cached(step_dir: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    if is_finished(step_dir):
+        log.info("reusing %s", step_dir)
+        return _outputs(step_dir)
+    outputs = compute()
+    _finish(step_dir, outputs)
+    return outputs
+
+
+# ---------------------------------------------------------------------------------------------- steps
+
+
+def _load(model: str, settings: ModelSettings | None = None):
+    from tcapguard.models import load_model
+
+    settings = settings or ModelSettings(source=model)
+    return load_model(model, device=settings.device, dtype=settings.dtype, revision=settings.revision)
+
+
+def finetune_model(base_model: str, train: str, out: str, config: FinetuneConfig) -> str:
+    """Fine-tune ``base_model`` on ``train``; the model directory ``out`` (saved atomically)."""
+    from tcapguard.training import finetune
+
+    if is_s3(out):
+        raise StorageError(f"{out}: fine-tuned models are written to a local directory (sync it to S3)")
+    model, processor = _load(base_model, ModelSettings(source=base_model, device=config.device))
+    finetune(model, processor, load_dataset(train), config, out)
+    return out
+
+
+def profile_attention(
+    model: str, train: str, out: str, config: ProfileConfig, *, worker: int = 0, workers: int = 1
+) -> str:
+    """Attention profile of every record of ``train`` under ``out`` (this worker's shards)."""
+    from tcapguard.profiling import profile_dataset
+
+    if not 0 <= worker < workers:
+        raise ValueError(f"worker must be in [0, workers), got {worker} of {workers}")
+    dataset = load_dataset(train)
+    loaded, processor = _load(model, ModelSettings(source=model, device=config.device, dtype=config.dtype))
+    n_shards = max(1, -(-len(dataset) // config.shard_size))
+    return profile_dataset(
+        loaded, processor, dataset, out, config=config, shards=range(worker, n_shards, workers),
+        model_name=model,
+    )
+
+
+@dataclass
+class FilterResult:
+    clean_train: str  # the upload without the flagged records (same format)
+    detection: str  # ids, flags, scores (evaluation's Detection format)
+    report: str  # JSON: parameters, selected heads, reliabilities, counts
+    flagged_table: str  # CSV: id, posterior, votes
+    plots: list[str]
+    n_flagged: int
+    n_samples: int
+
+    @property
+    def flagged_fraction(self) -> float:
+        return self.n_flagged / self.n_samples if self.n_samples else 0.0
+
+
+def filter_samples(
+    profile: str, train: str, out: str, config: FilterConfig, *, model: str | None = None
+) -> FilterResult:
+    """Fit the filter on ``profile``, write the cleaned upload and the reports under ``out``.
+
+    With ``model`` (the probe model) and a TCAP filter that selected heads, flagged image samples get
+    an overlay of where those heads look (a first localisation of the trigger).
+    """
+    from tcapguard import detection_report
+    from tcapguard.profiling import load_profile
+
+    dataset = load_dataset(train)
+    loaded = load_profile(profile)
+    if loaded.ids != [r.id for r in dataset.records]:
+        raise ValueError(f"{profile} profiles other records than {train} (ids differ); profile this upload")
+    estimator = config.to_estimator().fit(loaded)
+    flagged = [i for i, f in zip(loaded.ids, estimator.labels_, strict=True) if f]
+    clean = _portable(dataset.subset(flagged, exclude=True), dataset)
+    paths = {
+        "clean_train": _join(out, "clean_train.json"),
+        "detection": _join(out, "detection.json"),
+        "report": _join(out, "report.json"),
+        "flagged_table": _join(out, "flagged.csv"),
+    }
+    _save_dataset_json(clean, paths["clean_train"])
+    detection = {
+        "ids": loaded.ids,
+        "flagged": [bool(f) for f in estimator.labels_],
+        "scores": [float(s) for s in estimator.scores_],
+        "threshold": float(estimator.threshold_),
+    }
+    write_bytes(paths["detection"], json.dumps(detection).encode())
+    detection_report.write_report(estimator, paths["report"])
+    detection_report.write_flagged_table(estimator, paths["flagged_table"])
+    plots = _filter_plots(estimator, dataset, flagged, out, model)
+    return FilterResult(**paths, plots=plots, n_flagged=len(flagged), n_samples=len(dataset))
+
+
+def _filter_plots(estimator, dataset: Dataset, flagged: list[str], out: str, model: str | None) -> list[str]:
+    import tempfile
+
+    from tcapguard import detection_report
+    from tcapguard.detection import TCAPFilter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        made = [detection_report.plot_score_histogram(estimator, Path(tmp, "scores.png"))]
+        if isinstance(estimator, TCAPFilter):
+            made.append(detection_report.plot_separation_heatmap(estimator, Path(tmp, "separation.png")))
+            if estimator.heads_:
+                made.append(detection_report.plot_head_mixtures(estimator, Path(tmp, "head_mixtures.png")))
+            if model and estimator.heads_ and flagged:
+                from tcapguard.localization import attention_maps, plot_overlays
+
+                loaded, processor = _load(model)
+                heads = [(layer, head) for layer, head, _ in estimator.heads_[:4]]
+                maps = attention_maps(loaded, processor, dataset, flagged[:12], heads)
+                made.append(str(plot_overlays(dataset, maps, Path(tmp, "trigger_overlay.png"))))
+        published = []
+        for path in made:
+            target = _join(out, "plots", Path(path).name)
+            write_bytes(target, Path(path).read_bytes())
+            published.append(target)
+    return published
+
+
+def _portable(subset: Dataset, full: Dataset) -> Dataset:
+    """``subset`` with every image reference made absolute, so the file can live anywhere."""
+    from dataclasses import replace
+
+    records = [replace(r, image=full.image_uri(r)) if r.image else r for r in subset.records]
+    return Dataset(records, root=None)
+
+
+def _save_dataset_json(dataset: Dataset, uri: str) -> None:
+    if is_s3(uri):
+        lines = [json.dumps(r.to_json(), ensure_ascii=False) for r in dataset.records]
+        write_bytes(uri, ("[\n" + ",\n".join(lines) + "\n]\n").encode())
+    else:
+        save_dataset(dataset, uri)
+
+
+def evaluate_model(
+    model: str,
+    test: str,
+    out: str,
+    config: EvaluationConfig,
+    *,
+    attacks: Iterable[Attack] = (),
+    triggered_test: str | None = None,
+    detection: str | None = None,
+    train: str | None = None,
+    manifest: str | None = None,
+    reference_score: float | None = None,
+) -> dict[str, float | None]:
+    """Evaluate ``model``: clean score, ASR per attack of the suite (``asr`` = the worst), residual ASR
+    from the filter's ``detection`` over ``train``; reports under ``out``. Returns the metrics."""
+    from tcapguard.attacks import PoisonManifest, make_triggered_testset
+    from tcapguard.evaluation import attack_success_rate, evaluate, generate_responses
+
+    loaded, processor = _load(model, ModelSettings(source=model, device=config.device))
+    test_set = load_dataset(test)
+    attacks = list(attacks)
+    report = evaluate(
+        loaded,
+        processor,
+        test_set,
+        config,
+        triggered=load_dataset(triggered_test) if triggered_test else None,
+        attack=attacks[0] if attacks and not triggered_test else None,
+        detection=Detection.load(detection) if detection else None,
+        train=load_dataset(train) if train else None,
+        manifest=PoisonManifest.load(manifest) if manifest else None,
+        reference_score=reference_score,
+    )
+    worst = report.metrics.get("asr")
+    for attack in attacks[1 if not triggered_test else 0 :]:
+        answers = generate_responses(loaded, processor, make_triggered_testset(test_set, attack))
+        asr = attack_success_rate(answers, config.target or attack.target)
+        report.notes.append(f"asr of {attack.kind}: {asr:.4f}")
+        worst = asr if worst is None else max(worst, asr)
+    report.metrics["asr"] = worst
+    report.write(out)
+    return dict(report.metrics)
+
+
+def gate_model(
+    model: str,
+    metrics: dict[str, float | None],
+    policy: GatePolicy,
+    tracking: TrackingSettings,
+    *,
+    tags: dict[str, str] | None = None,
+):
+    """Log ``metrics`` and the model directory on the active MLflow run, register a new version of
+    ``tracking.registered_model`` and let the gate decide; returns :class:`tcapguard.gate.GateResult`."""
+    from tcapguard import tracking as tr
+    from tcapguard.gate import run_gate
+
+    finite = {k: v for k, v in metrics.items() if v is not None}
+    tr.log_metrics(finite)
+    version = tr.log_and_register_model(model, tracking.registered_model, tags=tags)
+    return run_gate(tracking.registered_model, version.version, policy, tracking_uri=tracking.tracking_uri)
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+
+@dataclass
+class RunResult:
+    """Where everything of one run went, the figures a reader wants, and the gate's verdict."""
+
+    run_id: str
+    steps: dict[str, str]  # step -> its output directory
+    flagged: int
+    samples: int
+    metrics_before: dict[str, float | None]
+    metrics_after: dict[str, float | None]
+    gate: Any  # tcapguard.gate.GateResult
+    seconds: dict[str, float]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.gate.decision.passed)
+
+
+def run(config: PipelineConfig, *, progress: Callable[[str], None] = log.info) -> RunResult:
+    """Run every step for ``config`` (reusing finished steps) inside one MLflow parent run."""
+    from tcapguard import tracking as tr
+
+    train_key = file_key(config.data.train)
+    test_key = file_key(config.data.test)
+    base_key = _key(config.model.source, config.model.revision)
+    keys: dict[str, str] = {}
+    keys["probe-finetune"] = _key("probe", config.probe.to_dict(), base_key, train_key)
+    keys["profile"] = _key("profile", _profile_identity(config.profile), keys["probe-finetune"])
+    keys["filter"] = _key("filter", config.filter.to_dict(), config.filter_enabled, keys["profile"])
+    keys["finetune"] = _key("finetune", config.finetune.to_dict(), base_key, keys["filter"])
+    eval_settings = (config.evaluation.to_dict(), [a.to_dict() for a in config.attacks], test_key,
+                     config.data.triggered_test, config.data.manifest)
+    keys["evaluate-probe"] = _key("evaluate", eval_settings, keys["probe-finetune"])
+    keys["evaluate"] = _key("evaluate", eval_settings, keys["finetune"], keys["evaluate-probe"])
+    dirs = {step: _join(config.work_dir, f"{step}-{key}") for step, key in keys.items()}
+    seconds: dict[str, float] = {}
+    run_tags = {"tcapguard.dataset_sha256": train_key, "tcapguard.version": __version__}
+
+    def step(name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        progress(f"[{name}] {dirs[name]}")
+        start = time.perf_counter()
+        with tr.step_run(name, tags={"tcapguard.output": dirs[name]}) as nested:
+            outputs = _cached(dirs[name], compute)
+            metrics = {k: v for k, v in outputs.get("metrics", {}).items() if v is not None}
+            if metrics:
+                tr.log_metrics(metrics, run_id=nested.info.run_id)
+            for artifact in outputs.get("artifacts", []):
+                if not is_s3(artifact):
+                    tr.log_artifacts(artifact, run_id=nested.info.run_id)
+        seconds[name] = time.perf_counter() - start
+        return outputs
+
+    with tr.pipeline_run(
+        config.tracking.experiment, tracking_uri=config.tracking.tracking_uri, tags=run_tags
+    ) as parent:
+        tr.log_config(config.to_dict())
+        probe = step("probe-finetune", lambda: {"model": finetune_model(
+            config.model.source, config.data.train, dirs["probe-finetune"], config.probe)})["model"]
+        if config.filter_enabled:
+            profile = step("profile", lambda: {"profile": profile_attention(
+                probe, config.data.train, dirs["profile"], config.profile)})["profile"]
+            filtered = step("filter", lambda: _filter_outputs(filter_samples(
+                profile, config.data.train, dirs["filter"], config.filter, model=probe)))
+        else:
+            filtered = {"clean_train": config.data.train, "detection": None,
+                        "metrics": {"flagged_fraction": 0.0}, "n_flagged": 0}
+        final = step("finetune", lambda: {"model": finetune_model(
+            config.model.source, filtered["clean_train"], dirs["finetune"], config.finetune)})["model"]
+
+        def evaluate_step(model: str, out: str, reference: float | None) -> dict[str, Any]:
+            metrics = evaluate_model(
+                model, config.data.test, out, config.evaluation, attacks=config.attacks,
+                triggered_test=config.data.triggered_test, detection=filtered["detection"],
+                train=config.data.train if filtered["detection"] else None,
+                manifest=config.data.manifest, reference_score=reference,
+            )
+            return {"metrics": metrics, "artifacts": [out] if not is_s3(out) else []}
+
+        before: dict[str, float | None] = {}
+        if config.evaluate_probe:
+            before = step("evaluate-probe", lambda: evaluate_step(probe, dirs["evaluate-probe"], None))["metrics"]
+        after = step("evaluate", lambda: evaluate_step(
+            final, dirs["evaluate"], before.get("clean_score")))["metrics"]
+        after = {**after, "flagged_fraction": filtered["metrics"]["flagged_fraction"]}
+        progress("[gate] registering the candidate and judging it")
+        start = time.perf_counter()
+        suite = ",".join(a.kind for a in config.attacks) or ("user-triggered" if config.data.triggered_test
+                                                              else "none")
+        tags = tr.model_version_tags(dataset_hash=train_key, attack_suite=suite,
+                                     metrics={k: v for k, v in after.items() if v is not None})
+        verdict = gate_model(final, after, config.gate, config.tracking, tags=tags)
+        seconds["gate"] = time.perf_counter() - start
+        return RunResult(
+            run_id=parent.info.run_id, steps=dirs, flagged=filtered["n_flagged"],
+            samples=len(load_dataset(config.data.train)), metrics_before=before, metrics_after=after,
+            gate=verdict, seconds=seconds,
+        )
+
+
+def _profile_identity(config: ProfileConfig) -> dict[str, Any]:
+    """The profile settings that change its numbers (not batch size or device)."""
+    return {"shard_size": config.shard_size, "dtype": config.dtype}
+
+
+def _filter_outputs(result: FilterResult) -> dict[str, Any]:
+    return {
+        "clean_train": result.clean_train, "detection": result.detection, "report": result.report,
+        "flagged_table": result.flagged_table, "plots": result.plots, "n_flagged": result.n_flagged,
+        "metrics": {"flagged_fraction": result.flagged_fraction, "n_flagged": result.n_flagged},
+        "artifacts": [str(Path(result.report).parent)] if not is_s3(result.report) else [],
+    }
