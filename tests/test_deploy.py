@@ -171,6 +171,14 @@ def test_config_values_become_the_mounted_config_file(helm):
     assert mount == {"name": "config", "mountPath": "/etc/tcapguard", "readOnly": True}
 
 
+def test_config_file_passes_through_verbatim(helm, tmp_path):
+    """`--set-file config=config.yaml` mounts the team's own file, comments and all."""
+    config = tmp_path / "config.yaml"
+    config.write_text("# nightly gate\ndataset: s3://uploads/train.json\npolicy:\n  max_asr: 0.05\n")
+    (config_map,) = [d for d in _render(helm, "--set-file", f"config={config}") if d["kind"] == "ConfigMap"]
+    assert config_map["data"]["config.yaml"] == config.read_text()
+
+
 def test_pod_launcher_role_grants_what_the_pod_operator_needs(helm):
     docs = _render(helm, "-f", str(FULL_VALUES))
     (role,) = [d for d in docs if d["kind"] == "Role"]
