@@ -33,3 +33,22 @@ gallery: $(STAMP) ## render the trigger examples under docs/triggers
 
 clean: ## remove the virtual environment and caches
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache
+
+# --- deploy: images and chart (issue 6) ---
+HELM := .cache/tools/helm
+IMAGE ?= ghcr.io/tcapguard/tcapguard
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+.PHONY: helm images image-lock
+test: $(HELM)
+
+helm: $(HELM) ## fetch a static helm binary into .cache/tools (the chart tests use it)
+
+$(HELM): scripts/get-helm.sh | $(STAMP)
+	PYTHON=$(BIN)/python scripts/get-helm.sh $(HELM)
+
+images: ## build the CPU and CUDA images (needs a Docker engine)
+	docker build -f docker/Dockerfile -t $(IMAGE):$(VERSION) .
+	docker build -f docker/Dockerfile.cuda -t $(IMAGE):$(VERSION)-cuda .
+
+image-lock: $(STAMP) ## re-pin the image's Python packages (docker/requirements.lock) from .venv
+	$(BIN)/python scripts/lock_image_requirements.py
