@@ -70,27 +70,46 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
-    from tcapguard.data import load_dataset
-    from tcapguard.models import load_model
-    from tcapguard.profiling import ProfileConfig, profile_dataset
+    from tcapguard.pipeline import profile_attention
+    from tcapguard.profiling import ProfileConfig
 
     settings = json.loads(Path(args.config).read_text()) if args.config else {}
     for name in ("batch_size", "shard_size", "device", "dtype"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
     config = ProfileConfig.from_dict(settings)
-    if not 0 <= args.worker < args.workers:
-        raise ValueError(f"--worker must be in [0, --workers), got {args.worker} of {args.workers}")
-    dataset = load_dataset(args.data)
-    model, processor = load_model(
-        args.model, device=config.device, dtype=config.dtype, attn_implementation=config.attn_implementation
+    out = profile_attention(
+        str(args.model), str(args.data), str(args.out), config, worker=args.worker, workers=args.workers
     )
-    n_shards = max(1, -(-len(dataset) // config.shard_size))
-    shards = range(args.worker, n_shards, args.workers)
-    out = profile_dataset(
-        model, processor, dataset, args.out, config=config, shards=shards, model_name=str(args.model)
+    print(f"profiled worker {args.worker} of {args.workers}'s shards of {args.data} -> {out}")
+
+
+def cmd_filter(args: argparse.Namespace) -> None:
+    from tcapguard.detection import FilterConfig
+    from tcapguard.pipeline import filter_samples
+
+    settings = json.loads(Path(args.config).read_text()) if args.config else {}
+    if args.method:
+        settings["method"] = args.method
+    result = filter_samples(
+        str(args.profile), str(args.data), str(args.out), FilterConfig.from_dict(settings),
+        model=str(args.model) if args.model else None,
     )
-    print(f"profiled {len(dataset)} records ({len(shards)} of {n_shards} shards by this worker) -> {out}")
+    print(
+        f"flagged {result.n_flagged} of {result.n_samples} records ({result.flagged_fraction:.1%}); "
+        f"cleaned upload -> {result.clean_train}; report -> {result.report}"
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tcapguard.pipeline import PipelineConfig, run, summarize
+
+    config = PipelineConfig.from_yaml(args.config)
+    if args.work_dir:
+        config.work_dir = args.work_dir
+    result = run(config, progress=print)
+    print(summarize(result, config))
+    return 0 if result.passed else 1
 
 
 def cmd_make_world(args: argparse.Namespace) -> None:
@@ -148,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lenient", action="store_true", help="skip bad records instead of failing")
     p.set_defaults(func=cmd_finetune)
 
+    p = sub.add_parser("run", help="the whole job for one config: probe, profile, filter, fine-tune, evaluate, gate")
+    p.add_argument("config", help="pipeline config (YAML; see examples/pipeline.yaml)")
+    p.add_argument("--work-dir", help="override work_dir (where every step's outputs go)")
+    p.set_defaults(func=cmd_run)
+
     p = sub.add_parser("profile", help="tri-component attention profile of every record (sharded, resumable)")
     p.add_argument("--model", required=True, help="the model fine-tuned on the upload (dir, s3:// or hub id)")
     p.add_argument("--data", required=True, help="the uploaded dataset (path or s3:// URI)")
@@ -160,6 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker", type=int, default=0, help="this worker's index (shards worker, worker+N, ...)")
     p.add_argument("--workers", type=int, default=1, help="number of parallel workers N")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("filter", help="flag poisoned records from an attention profile; write the cleaned upload")
+    p.add_argument("--profile", required=True, help="profile directory or s3:// prefix (tcapguard profile)")
+    p.add_argument("--data", required=True, help="the profiled upload (path or s3:// URI)")
+    p.add_argument("--out", required=True, help="directory or s3:// prefix for the cleaned upload and reports")
+    p.add_argument("--config", help="JSON file with FilterConfig fields")
+    p.add_argument("--method", choices=("tcap", "bye"))
+    p.add_argument("--model", help="the profiled model, to draw where the heads look in flagged images")
+    p.set_defaults(func=cmd_filter)
 
     p = sub.add_parser("make-world", help="write the tiny VQA task (train.json, test.json, PNG images)")
     p.add_argument("out")
@@ -196,11 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     from tcapguard.storage import StorageError
 
     try:
-        args.func(args)
+        code = args.func(args)
     except (DatasetError, ModelLoadError, StorageError, ValueError, FileNotFoundError) as err:
         print(f"tcapguard {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -538,3 +538,33 @@ def _filter_outputs(result: FilterResult) -> dict[str, Any]:
         "metrics": {"flagged_fraction": result.flagged_fraction, "n_flagged": result.n_flagged},
         "artifacts": [str(Path(result.report).parent)] if not is_s3(result.report) else [],
     }
+
+
+def summarize(result: RunResult, config: PipelineConfig) -> str:
+    """The one-screen table a user reads after a run, ending with how to open the MLflow UI."""
+    from tcapguard import tracking as tr
+
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    before, after = result.metrics_before, result.metrics_after
+    decision = result.gate.decision
+    lines = [
+        "",
+        f"flagged            {result.flagged} of {result.samples} samples "
+        f"({after.get('flagged_fraction', 0.0):.1%})",
+        f"detection P/R/F1   {fmt(after.get('detection_precision'))} / {fmt(after.get('detection_recall'))} / "
+        f"{fmt(after.get('detection_f1'))}",
+        "                   before (probe)   after",
+        f"ASR                {fmt(before.get('asr')):>14}   {fmt(after.get('asr'))}",
+        f"residual ASR       {fmt(before.get('residual_asr')):>14}   {fmt(after.get('residual_asr'))}",
+        f"clean accuracy     {fmt(before.get('clean_exact_match')):>14}   {fmt(after.get('clean_exact_match'))}",
+        f"gate               {'PASSED' if decision.passed else 'FAILED'}: "
+        + (f"{result.gate.model_name} v{result.gate.version} now holds @{result.gate.alias}"
+           if result.gate.promoted else "no alias moved"),
+    ]
+    lines += [f"                   - {reason}" for reason in decision.reasons]
+    uri = tr.resolve_tracking_uri(config.tracking.tracking_uri)
+    ui = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else uri
+    lines += [f"MLflow run         {result.run_id}", f"open the UI        {ui}"]
+    return "\n".join(lines)
