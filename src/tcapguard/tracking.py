@@ -150,20 +150,30 @@ def pipeline_run(
     tracking_uri: str | None = None,
     tags: Mapping[str, Any] | None = None,
 ) -> Iterator[ActiveRun]:
-    """Start the parent run of one pipeline run (sets the process-wide tracking and registry URI).
+    """Start the parent run of one pipeline run; the fluent API points at ``tracking_uri`` inside it.
 
-    The run ends FINISHED, or FAILED when the body raises (MLflow's own ``start_run`` semantics).
+    The run ends FINISHED, or FAILED when the body raises (MLflow's own ``start_run`` semantics). The
+    process-wide tracking URI (which MLflow mirrors into ``MLFLOW_TRACKING_URI``) is restored on exit.
     """
     import mlflow
 
     uri = resolve_tracking_uri(tracking_uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
     experiment_id = ensure_experiment(experiment, tracking_uri=uri)
     run_tags = {"tcapguard.kind": "pipeline", **{str(k): str(v) for k, v in (tags or {}).items()}}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=run_tags) as run:
-        logger.info("MLflow run %s in experiment %r at %s", run.info.run_id, experiment, redact_uri(uri))
-        yield run
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=run_tags) as run:
+            logger.info("MLflow run %s in experiment %r at %s", run.info.run_id, experiment, redact_uri(uri))
+            yield run
+    finally:
+        if previous is not None and previous != previous_env:
+            mlflow.set_tracking_uri(previous)
+        else:  # nothing was set, or only the environment: clear the global and put the variable back
+            mlflow.set_tracking_uri(None)
+            if previous_env is not None:
+                os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 @contextmanager
@@ -171,10 +181,13 @@ def step_run(step: str, *, tags: Mapping[str, Any] | None = None) -> Iterator[Ac
     """A nested run for one pipeline step inside :func:`pipeline_run` (tagged ``tcapguard.step``)."""
     import mlflow
 
-    if mlflow.active_run() is None:
+    parent = mlflow.active_run()
+    if parent is None:
         raise TrackingError(f"step_run({step!r}) needs an active pipeline run: call it inside pipeline_run()")
     run_tags = {STEP_TAG: step, **{str(k): str(v) for k, v in (tags or {}).items()}}
-    with mlflow.start_run(run_name=step, nested=True, tags=run_tags) as run:
+    # Without experiment_id a nested run lands in the default experiment, not the parent's.
+    experiment_id = parent.info.experiment_id
+    with mlflow.start_run(experiment_id=experiment_id, run_name=step, nested=True, tags=run_tags) as run:
         yield run
 
 
@@ -470,27 +483,27 @@ def download_model_version(uri: str, *, cache_dir: str | Path, tracking_uri: str
     try:
         try:
             with short_http_timeouts():
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"models:/{version.name}/{version.version}",
-                    dst_path=str(tmp),
-                    tracking_uri=tracking_uri,
-                    registry_uri=tracking_uri,
+                # Resolved here: MLflow 3.17 resolves a models:/ URI against the process-wide registry
+                # URI whatever registry_uri download_artifacts is given (and creates ./mlflow.db).
+                source = client(tracking_uri).get_model_version_download_uri(version.name, version.version)
+                downloaded = Path(
+                    mlflow.artifacts.download_artifacts(
+                        artifact_uri=source, dst_path=str(tmp), tracking_uri=tracking_uri
+                    )
                 )
         except (MlflowException, OSError) as err:
             raise TrackingError(f"cannot download {uri} (version {version.version}): {err}") from err
-        if not (tmp / "config.json").is_file():
+        if not (downloaded / "config.json").is_file():
             raise TrackingError(
                 f"{uri} (version {version.version}, source {redact_uri(version.source)}) holds no "
                 "config.json: it is not a save_pretrained model directory"
             )
         try:
-            tmp.rename(target)
+            downloaded.rename(target)
         except OSError:
             if not (target / "config.json").is_file():  # not a concurrent download that finished first
                 raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("downloaded %s (version %s) to %s", uri, version.version, target)
     return target
