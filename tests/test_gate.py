@@ -199,12 +199,17 @@ def registry(mlflow_server, tmp_path):
     (model_dir / "processor_config.json").write_text("{}")
     name = f"gate-{uuid.uuid4().hex[:8]}"
 
-    def register(metrics: dict, *, nan: tuple[str, ...] = ()) -> tuple[str, str]:
-        with tracking.pipeline_run("gate-tests", tracking_uri=mlflow_server.uri) as run:
-            tracking.log_metrics(metrics)
-            for key in nan:  # what a pipeline that bypassed log_metrics's check would leave behind
-                MlflowClient(mlflow_server.uri).log_metric(run.info.run_id, key, math.nan)
-            version = tracking.log_and_register_model(model_dir, name, tags={"backdoor_gate": "pending"})
+    def register(metrics: dict, *, nan: tuple[str, ...] = (), crash: bool = False) -> tuple[str, str]:
+        try:
+            with tracking.pipeline_run("gate-tests", tracking_uri=mlflow_server.uri) as run:
+                tracking.log_metrics(metrics)
+                for key in nan:  # what a pipeline that bypassed log_metrics's check would leave behind
+                    MlflowClient(mlflow_server.uri).log_metric(run.info.run_id, key, math.nan)
+                version = tracking.log_and_register_model(model_dir, name, tags={"backdoor_gate": "pending"})
+                if crash:
+                    raise RuntimeError("pipeline crashed after registering")
+        except RuntimeError:
+            assert crash
         return name, version.version
 
     register.name = name
@@ -278,6 +283,13 @@ def test_clean_drop_uses_champion_metrics(mlflow_server, registry, policy_file):
     assert alias_holder(mlflow_server.uri, name) == close
 
 
+def test_candidate_from_failed_run_fails(mlflow_server, registry, policy_file, capsys):
+    name, version = registry(GOOD, crash=True)
+    code, out, _ = gate(capsys, mlflow_server.uri, name, version, policy_file)
+    assert code == 1 and "ended FAILED" in out
+    assert alias_holder(mlflow_server.uri, name) is None
+
+
 def test_version_chosen_by_run_id(mlflow_server, registry, policy_file, capsys):
     name, version = registry(GOOD)
     run_id = MlflowClient(mlflow_server.uri).get_model_version(name, version).run_id
@@ -286,14 +298,16 @@ def test_version_chosen_by_run_id(mlflow_server, registry, policy_file, capsys):
     assert code == 0 and alias_holder(mlflow_server.uri, name) == version
 
 
-def test_mlflow_down_is_an_error_quickly(registry, policy_file, capsys, tmp_path):
+def test_mlflow_down_is_an_error_quickly(mlflow_server, registry, policy_file, capsys, tmp_path):
+    name, version = registry(GOOD)  # a candidate that would pass, on the server the gate cannot reach
     summary = tmp_path / "gate.md"
+    uri = f"http://ci:s3cret@127.0.0.1:{free_port()}"
     start = time.monotonic()
-    code, _, err = gate(
-        capsys, f"http://127.0.0.1:{free_port()}", "any", "1", policy_file, "--summary-md", summary
-    )
+    code, _, err = gate(capsys, uri, name, version, policy_file, "--summary-md", summary)
     elapsed = time.monotonic() - start
-    assert code == 2 and "error" in err
+    assert code == 2 and f"cannot read '{name}' version {version} from MLflow at http://***@127.0.0.1" in err
+    assert alias_holder(mlflow_server.uri, name) is None
+    assert "s3cret" not in err + summary.read_text()
     # Not a speed target: MLflow's default retries would wait minutes; the gate must give up in seconds.
     assert elapsed < 60, elapsed
     assert summary.read_text().startswith("## Backdoor promotion gate: ERROR")

@@ -61,7 +61,12 @@ def test_redact_uri():
     assert tracking.redact_uri("https://me:pw@mlflow.example/x?token=abc&a=1") == (
         "https://***@mlflow.example/x?token=%2A%2A%2A&a=1"
     )
-    assert tracking.redact_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert tracking.redact_text("request to http://u:pw@h:1/api failed; s3://k:s@b/x") == (
+        "request to http://***@h:1/api failed; s3://***@b/x"
+    )
+    assert "pw" not in str(TrackingError("cannot reach https://u:pw@host"))
+    for plain in ("http://127.0.0.1:5000", "sqlite:////abs/mlflow.db", "sqlite:///rel.db?timeout=5"):
+        assert tracking.redact_uri(plain) == plain
 
 
 def test_parse_model_uri():

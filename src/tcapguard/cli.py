@@ -114,10 +114,10 @@ def cmd_gate(args: argparse.Namespace) -> int:
         raise
     decision = result.decision
     verdict = "PASSED" if decision.passed else "FAILED"
-    champion = f"version {result.champion_version}" if result.champion_version else "none"
+    champion = f"version {result.champion_version}" if result.champion_version else "none yet"
     head = (
-        f"{result.model_name} version {result.version} (run {result.run_id or 'none'}) against "
-        f"{result.alias} {champion}, MLflow {redact_uri(uri)}"
+        f"{result.model_name} version {result.version} (run {result.run_id or 'none'}); "
+        f"{result.alias}: {champion}; MLflow {redact_uri(uri)}"
     )
     action = (
         f"alias {result.alias!r} -> version {result.version}"

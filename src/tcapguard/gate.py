@@ -47,7 +47,13 @@ class PolicyError(ValueError):
 
 
 class GateError(RuntimeError):
-    """The gate could not reach a verdict (MLflow unreachable, unknown model version, ...)."""
+    """The gate could not reach a verdict (MLflow unreachable, unknown model version, ...); URIs in
+    the message have their credentials masked."""
+
+    def __init__(self, message: str):
+        from tcapguard.tracking import redact_text
+
+        super().__init__(redact_text(message))
 
 
 @dataclass
@@ -446,10 +452,16 @@ def run_gate(
                 f"cannot read {model_name!r} version {version} from {where}: {err.message}"
             ) from err
         try:
-            metrics = _version_metrics(mlflow_client, candidate)
+            metrics, provenance = _candidate_evidence(mlflow_client, candidate)
             champion = _alias_holder(mlflow_client, model_name, policy.alias)
             champion_metrics = _version_metrics(mlflow_client, champion) if champion is not None else None
             decision = decide_promotion(metrics, policy, champion_metrics)
+            if provenance:
+                decision = Decision(
+                    passed=False,
+                    reasons=[c.detail for c in provenance] + decision.reasons,
+                    checks=provenance + decision.checks,
+                )
             _record(mlflow_client, candidate, decision, policy, champion)
             promoted = False
             if decision.passed:
@@ -478,8 +490,25 @@ def run_gate(
     )
 
 
+def _candidate_evidence(mlflow_client, version) -> tuple[dict[str, float], list[Check]]:
+    """The candidate's metrics and failed provenance checks: a version not READY, or one whose run
+    failed, was killed or deleted, must not be promoted whatever its metrics say."""
+    failed = []
+    if version.status != "READY":
+        failed.append(f"model version status is {version.status}, not READY")
+    if not version.run_id:
+        return {}, [Check("provenance", "-", None, "present", None, False, d) for d in failed]
+    run = mlflow_client.get_run(version.run_id)
+    if run.info.status in ("FAILED", "KILLED"):
+        failed.append(f"run {version.run_id} ended {run.info.status}")
+    if run.info.lifecycle_stage != "active":
+        failed.append(f"run {version.run_id} is {run.info.lifecycle_stage}")
+    checks = [Check("provenance", "-", None, "present", None, False, detail) for detail in failed]
+    return dict(run.data.metrics), checks
+
+
 def _version_metrics(mlflow_client, version) -> dict[str, float]:
-    """Metrics of the run that produced ``version`` (empty when it has no run: every check fails)."""
+    """Metrics of the run that produced ``version`` (empty when it has no run: its checks fail)."""
     if not version.run_id:
         logger.warning("%s version %s has no run; it carries no metrics", version.name, version.version)
         return {}

@@ -54,11 +54,16 @@ _SECRET_KEY = re.compile(
     r"pass(word|wd)?|secret|token|credential|api[_-]?key|access[_-]?key|private[_-]?key", re.I
 )
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[^/@]+))/?$")
+_URI_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
 _MAX_PARAM_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 
 
 class TrackingError(RuntimeError):
-    """MLflow could not do what was asked; the message names the run, model or URI and the cause."""
+    """MLflow could not do what was asked; the message names the run, model or URI and the cause
+    (with credentials in any URI it quotes masked)."""
+
+    def __init__(self, message: str):
+        super().__init__(redact_text(message))
 
 
 # ------------------------------------------------------------------------------------------ location
@@ -87,13 +92,19 @@ def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
 def redact_uri(uri: str) -> str:
     """The URI without user info or credential-looking query parameters, for messages and logs."""
     parts = urllib.parse.urlsplit(uri)
+    pairs = urllib.parse.parse_qsl(parts.query)
+    if "@" not in parts.netloc and not any(_SECRET_KEY.search(k) for k, _ in pairs):
+        return uri  # unchanged: urlunsplit would turn sqlite:////abs/path into sqlite://abs/path
     netloc = parts.netloc
     if "@" in netloc:
         netloc = "***@" + netloc.rsplit("@", 1)[1]
-    query = urllib.parse.urlencode(
-        [(k, "***" if _SECRET_KEY.search(k) else v) for k, v in urllib.parse.parse_qsl(parts.query)]
-    )
+    query = urllib.parse.urlencode([(k, "***" if _SECRET_KEY.search(k) else v) for k, v in pairs])
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redact_text(text: str) -> str:
+    """``text`` with the user info of every URI in it masked (MLflow quotes the full URL in errors)."""
+    return _URI_USERINFO.sub(r"\1***@", text)
 
 
 def require_existing_store(tracking_uri: str) -> None:
