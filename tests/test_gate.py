@@ -186,6 +186,8 @@ def test_decision_renders_table_and_markdown():
     markdown = decision.markdown()
     assert markdown.startswith("## Backdoor promotion gate: FAILED")
     assert "| asr | 0.3 | <= 0.05 | FAIL |" in markdown
+    data = json.loads(json.dumps(decision.to_dict()))  # small and JSON-safe: fit for XCom or KFP metadata
+    assert data["passed"] is False and data["checks"][0]["metric"] == "asr"
 
 
 # ------------------------------------------------------------------------------------ against MLflow

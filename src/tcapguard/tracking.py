@@ -497,11 +497,12 @@ def download_model_version(uri: str, *, cache_dir: str | Path, tracking_uri: str
                 # Resolved here: MLflow 3.17 resolves a models:/ URI against the process-wide registry
                 # URI whatever registry_uri download_artifacts is given (and creates ./mlflow.db).
                 source = client(tracking_uri).get_model_version_download_uri(version.name, version.version)
-                downloaded = Path(
-                    mlflow.artifacts.download_artifacts(
-                        artifact_uri=source, dst_path=str(tmp), tracking_uri=tracking_uri
-                    )
+            # MLflow's default retries for the weights: a long download may meet a passing fault.
+            downloaded = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=source, dst_path=str(tmp), tracking_uri=tracking_uri
                 )
+            )
         except (MlflowException, OSError) as err:
             raise TrackingError(f"cannot download {uri} (version {version.version}): {err}") from err
         if not (downloaded / "config.json").is_file():
