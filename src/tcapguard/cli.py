@@ -1,6 +1,7 @@
 """The ``tcapguard`` command line: thin wrappers over the library functions.
 
-Exit codes: 0 success, 2 bad input or an unreachable resource (the message says what and where).
+Exit codes: 0 success, 1 a gate that failed (``tcapguard gate``), 2 bad input or an unreachable
+resource (the message says what and where).
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ import argparse
 import json
 import logging
 import sys
+import textwrap
 from pathlib import Path
 
 from tcapguard import __version__
+from tcapguard.gate import GatePolicy
 
 log = logging.getLogger("tcapguard")
 
@@ -92,7 +95,10 @@ def cmd_filter(args: argparse.Namespace) -> None:
     if args.method:
         settings["method"] = args.method
     result = filter_samples(
-        str(args.profile), str(args.data), str(args.out), FilterConfig.from_dict(settings),
+        str(args.profile),
+        str(args.data),
+        str(args.out),
+        FilterConfig.from_dict(settings),
         model=str(args.model) if args.model else None,
     )
     print(
@@ -133,6 +139,45 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(family=args.family, attack=args.attack, rate=args.rate, seed=args.seed, cache_dir=args.cache_dir)
 
 
+def cmd_gate(args: argparse.Namespace) -> int:
+    """Judge a registered model version; exit 0 pass (alias moved), 1 fail, 2 error."""
+    from tcapguard.gate import GateError, GatePolicy, PolicyError, find_version_by_run, run_gate
+    from tcapguard.storage import atomic_write
+    from tcapguard.tracking import TrackingError, redact_uri, resolve_tracking_uri
+
+    def write_summary(text: str) -> None:
+        if args.summary_md:
+            with atomic_write(args.summary_md, "w") as handle:
+                handle.write(text)
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    try:
+        policy = GatePolicy.from_file(args.policy)
+        version = args.version or find_version_by_run(args.model_name, args.run_id, tracking_uri=uri)
+        result = run_gate(args.model_name, version, policy, tracking_uri=uri)
+    except (GateError, PolicyError, TrackingError) as err:
+        write_summary(f"## Backdoor promotion gate: ERROR\n\n{args.model_name}: {err}\n")
+        raise
+    decision = result.decision
+    verdict = "PASSED" if decision.passed else "FAILED"
+    champion = f"version {result.champion_version}" if result.champion_version else "none yet"
+    head = (
+        f"{result.model_name} version {result.version} (run {result.run_id or 'none'}); "
+        f"{result.alias}: {champion}; MLflow {redact_uri(uri)}"
+    )
+    action = (
+        f"alias {result.alias!r} -> version {result.version}"
+        if result.promoted
+        else f"alias {result.alias!r} not moved; version tagged backdoor_gate=failed"
+    )
+    print(f"backdoor gate {verdict}: {head}\n\n{decision.table()}\n")
+    for reason in decision.reasons:
+        print(f"  - {reason}")
+    print(action)
+    write_summary(decision.markdown() + f"\n{head}.\n\n{action}.\n")
+    return 0 if decision.passed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tcapguard", description=__doc__)
     parser.add_argument("--version", action="version", version=f"tcapguard {__version__}")
@@ -167,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lenient", action="store_true", help="skip bad records instead of failing")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("run", help="the whole job for one config: probe, profile, filter, fine-tune, evaluate, gate")
+    p = sub.add_parser(
+        "run", help="the whole job for one config: probe, profile, filter, fine-tune, evaluate, gate"
+    )
     p.add_argument("config", help="pipeline config (YAML; see examples/pipeline.yaml)")
     p.add_argument("--work-dir", help="override work_dir (where every step's outputs go)")
     p.set_defaults(func=cmd_run)
@@ -185,10 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="number of parallel workers N")
     p.set_defaults(func=cmd_profile)
 
-    p = sub.add_parser("filter", help="flag poisoned records from an attention profile; write the cleaned upload")
+    p = sub.add_parser(
+        "filter", help="flag poisoned records from an attention profile; write the cleaned upload"
+    )
     p.add_argument("--profile", required=True, help="profile directory or s3:// prefix (tcapguard profile)")
     p.add_argument("--data", required=True, help="the profiled upload (path or s3:// URI)")
-    p.add_argument("--out", required=True, help="directory or s3:// prefix for the cleaned upload and reports")
+    p.add_argument(
+        "--out", required=True, help="directory or s3:// prefix for the cleaned upload and reports"
+    )
     p.add_argument("--config", help="JSON file with FilterConfig fields")
     p.add_argument("--method", choices=("tcap", "bye"))
     p.add_argument("--model", help="the profiled model, to draw where the heads look in flagged images")
@@ -216,6 +267,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", help="where trained worlds are cached (default .cache/tcapguard)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "gate",
+        help="promote a registered model version only if its backdoor metrics pass a policy",
+        description="Exit 0: passed, alias moved. 1: failed, version tagged backdoor_gate=failed, "
+        "nothing moved. 2: error (bad policy, unknown version, MLflow unreachable), nothing moved.",
+        epilog="policy fields:\n" + textwrap.indent(GatePolicy.describe(), "  "),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model-name", required=True, help="registered model name")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--version", help="model version to judge")
+    which.add_argument("--run-id", help="judge the version registered from this MLflow run")
+    p.add_argument("--policy", required=True, help="gate policy file (YAML or JSON, see examples/)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else local)")
+    p.add_argument("--summary-md", help="also write a markdown summary here (for CI job pages)")
+    p.set_defaults(func=cmd_gate)
     return parser
 
 
@@ -225,12 +293,23 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
     from tcapguard.data import DatasetError
+    from tcapguard.gate import GateError
     from tcapguard.models import ModelLoadError
     from tcapguard.storage import StorageError
+    from tcapguard.tracking import TrackingError
 
+    errors = (
+        DatasetError,
+        ModelLoadError,
+        StorageError,
+        GateError,
+        TrackingError,
+        ValueError,
+        FileNotFoundError,
+    )
     try:
         code = args.func(args)
-    except (DatasetError, ModelLoadError, StorageError, ValueError, FileNotFoundError) as err:
+    except errors as err:
         print(f"tcapguard {args.command}: error: {err}", file=sys.stderr)
         return 2
     return code or 0

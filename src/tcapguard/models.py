@@ -1,4 +1,5 @@
-"""Load a multimodal LLM and its processor from a local directory, an ``s3://`` prefix or a hub id.
+"""Load a multimodal LLM and its processor from a local directory, an ``s3://`` prefix, an MLflow
+registry URI (``models:/<name>/<version>``, ``models:/<name>@<alias>``) or a hub id.
 
 All three go through ``AutoModelForImageTextToText``/``AutoProcessor.from_pretrained`` with safetensors
 only, so a tiny model built by :mod:`tcapguard.tiny` exercises the same path as ``llava-hf/llava-1.5-7b-hf``.
@@ -125,11 +126,24 @@ def _hub_reachable(timeout: float = 5.0) -> bool:
     return True
 
 
+def download_registered_model(uri: str, cache_dir: str | Path | None = None) -> Path:
+    """The local directory of a ``models:/`` URI (downloaded once into :func:`cache_root`), from the
+    registry at ``MLFLOW_TRACKING_URI`` (or tcapguard's local default store)."""
+    from tcapguard.tracking import TrackingError, download_model_version
+
+    try:
+        return download_model_version(uri, cache_dir=Path(cache_dir) if cache_dir else cache_root())
+    except TrackingError as err:
+        raise ModelLoadError(f"cannot load {uri}: {err}") from err
+
+
 def _locate(source: str | Path) -> tuple[str, bool]:
-    """``(path or hub id, is_local)`` for ``source``; downloads ``s3://`` sources first."""
+    """``(path or hub id, is_local)`` for ``source``; downloads ``s3://`` and ``models:/`` sources first."""
     text = str(source)
     if is_s3(text):
         local = download_s3_prefix(text)
+    elif text.startswith("models:/"):
+        local = download_registered_model(text)
     else:
         local = Path(text).expanduser()
         if not local.exists():
@@ -158,11 +172,13 @@ def load_model(
 ) -> tuple[Any, Any]:
     """``(model, processor)`` for an image-text-to-text model, the model in eval mode on ``device``.
 
-    ``source`` is a local directory, an ``s3://bucket/prefix`` (downloaded once into :func:`cache_root`)
-    or a hub id (only where the hub is reachable). The processor must carry a chat template, since
-    tcapguard renders every prompt through it. ``device="auto"`` means CUDA where available, else CPU.
-    ``attn_implementation`` passes through (default: transformers' choice, SDPA); the attention profiler
-    works with any of them, since it wraps the kernel rather than asking for attention weights.
+    ``source`` is a local directory, an ``s3://bucket/prefix`` or an MLflow registry URI
+    ``models:/<name>/<version>`` / ``models:/<name>@<alias>`` (each downloaded once into
+    :func:`cache_root`), or a hub id (only where the hub is reachable). The processor must carry a
+    chat template, since tcapguard renders every prompt through it. ``device="auto"`` means CUDA where
+    available, else CPU.
+    ``attn_implementation`` passes through (default: transformers' choice, SDPA); the attention
+    profiler works with any of them, since it wraps the kernel rather than asking for attention weights.
     """
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor

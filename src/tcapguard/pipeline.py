@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from tcapguard import __version__
 from tcapguard.attacks import Attack
@@ -103,7 +103,7 @@ class PipelineConfig(StepConfig):
     gate: GatePolicy = field(default_factory=GatePolicy)
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
 
-    SECTIONS = {
+    SECTIONS: ClassVar[dict[str, type]] = {
         "model": ModelSettings,
         "data": DataSettings,
         "probe": FinetuneConfig,
@@ -260,7 +260,12 @@ def profile_attention(
     loaded, processor = _load(model, ModelSettings(source=model, device=config.device, dtype=config.dtype))
     n_shards = max(1, -(-len(dataset) // config.shard_size))
     return profile_dataset(
-        loaded, processor, dataset, out, config=config, shards=range(worker, n_shards, workers),
+        loaded,
+        processor,
+        dataset,
+        out,
+        config=config,
+        shards=range(worker, n_shards, workers),
         model_name=model,
     )
 
@@ -457,8 +462,13 @@ def run(config: PipelineConfig, *, progress: Callable[[str], None] = log.info) -
     keys["profile"] = _key("profile", _profile_identity(config.profile), keys["probe-finetune"])
     keys["filter"] = _key("filter", config.filter.to_dict(), config.filter_enabled, keys["profile"])
     keys["finetune"] = _key("finetune", config.finetune.to_dict(), base_key, keys["filter"])
-    eval_settings = (config.evaluation.to_dict(), [a.to_dict() for a in config.attacks], test_key,
-                     config.data.triggered_test, config.data.manifest)
+    eval_settings = (
+        config.evaluation.to_dict(),
+        [a.to_dict() for a in config.attacks],
+        test_key,
+        config.data.triggered_test,
+        config.data.manifest,
+    )
     keys["evaluate-probe"] = _key("evaluate", eval_settings, keys["probe-finetune"])
     keys["evaluate"] = _key("evaluate", eval_settings, keys["finetune"], keys["evaluate-probe"])
     dirs = {step: _join(config.work_dir, f"{step}-{key}") for step, key in keys.items()}
@@ -483,46 +493,88 @@ def run(config: PipelineConfig, *, progress: Callable[[str], None] = log.info) -
         config.tracking.experiment, tracking_uri=config.tracking.tracking_uri, tags=run_tags
     ) as parent:
         tr.log_config(config.to_dict())
-        probe = step("probe-finetune", lambda: {"model": finetune_model(
-            config.model.source, config.data.train, dirs["probe-finetune"], config.probe)})["model"]
+        probe = step(
+            "probe-finetune",
+            lambda: {
+                "model": finetune_model(
+                    config.model.source, config.data.train, dirs["probe-finetune"], config.probe
+                )
+            },
+        )["model"]
         if config.filter_enabled:
-            profile = step("profile", lambda: {"profile": profile_attention(
-                probe, config.data.train, dirs["profile"], config.profile)})["profile"]
-            filtered = step("filter", lambda: _filter_outputs(filter_samples(
-                profile, config.data.train, dirs["filter"], config.filter, model=probe)))
+            profile = step(
+                "profile",
+                lambda: {
+                    "profile": profile_attention(probe, config.data.train, dirs["profile"], config.profile)
+                },
+            )["profile"]
+            filtered = step(
+                "filter",
+                lambda: _filter_outputs(
+                    filter_samples(profile, config.data.train, dirs["filter"], config.filter, model=probe)
+                ),
+            )
         else:
-            filtered = {"clean_train": config.data.train, "detection": None,
-                        "metrics": {"flagged_fraction": 0.0}, "n_flagged": 0}
-        final = step("finetune", lambda: {"model": finetune_model(
-            config.model.source, filtered["clean_train"], dirs["finetune"], config.finetune)})["model"]
+            filtered = {
+                "clean_train": config.data.train,
+                "detection": None,
+                "metrics": {"flagged_fraction": 0.0},
+                "n_flagged": 0,
+            }
+        final = step(
+            "finetune",
+            lambda: {
+                "model": finetune_model(
+                    config.model.source, filtered["clean_train"], dirs["finetune"], config.finetune
+                )
+            },
+        )["model"]
 
         def evaluate_step(model: str, out: str, reference: float | None) -> dict[str, Any]:
             metrics = evaluate_model(
-                model, config.data.test, out, config.evaluation, attacks=config.attacks,
-                triggered_test=config.data.triggered_test, detection=filtered["detection"],
+                model,
+                config.data.test,
+                out,
+                config.evaluation,
+                attacks=config.attacks,
+                triggered_test=config.data.triggered_test,
+                detection=filtered["detection"],
                 train=config.data.train if filtered["detection"] else None,
-                manifest=config.data.manifest, reference_score=reference,
+                manifest=config.data.manifest,
+                reference_score=reference,
             )
             return {"metrics": metrics, "artifacts": [out] if not is_s3(out) else []}
 
         before: dict[str, float | None] = {}
         if config.evaluate_probe:
-            before = step("evaluate-probe", lambda: evaluate_step(probe, dirs["evaluate-probe"], None))["metrics"]
-        after = step("evaluate", lambda: evaluate_step(
-            final, dirs["evaluate"], before.get("clean_score")))["metrics"]
+            before = step("evaluate-probe", lambda: evaluate_step(probe, dirs["evaluate-probe"], None))[
+                "metrics"
+            ]
+        after = step("evaluate", lambda: evaluate_step(final, dirs["evaluate"], before.get("clean_score")))[
+            "metrics"
+        ]
         after = {**after, "flagged_fraction": filtered["metrics"]["flagged_fraction"]}
         progress("[gate] registering the candidate and judging it")
         start = time.perf_counter()
-        suite = ",".join(a.kind for a in config.attacks) or ("user-triggered" if config.data.triggered_test
-                                                              else "none")
-        tags = tr.model_version_tags(dataset_hash=train_key, attack_suite=suite,
-                                     metrics={k: v for k, v in after.items() if v is not None})
+        suite = ",".join(a.kind for a in config.attacks) or (
+            "user-triggered" if config.data.triggered_test else "none"
+        )
+        tags = tr.model_version_tags(
+            dataset_hash=train_key,
+            attack_suite=suite,
+            metrics={k: v for k, v in after.items() if v is not None},
+        )
         verdict = gate_model(final, after, config.gate, config.tracking, tags=tags)
         seconds["gate"] = time.perf_counter() - start
         return RunResult(
-            run_id=parent.info.run_id, steps=dirs, flagged=filtered["n_flagged"],
-            samples=len(load_dataset(config.data.train)), metrics_before=before, metrics_after=after,
-            gate=verdict, seconds=seconds,
+            run_id=parent.info.run_id,
+            steps=dirs,
+            flagged=filtered["n_flagged"],
+            samples=len(load_dataset(config.data.train)),
+            metrics_before=before,
+            metrics_after=after,
+            gate=verdict,
+            seconds=seconds,
         )
 
 
@@ -533,8 +585,12 @@ def _profile_identity(config: ProfileConfig) -> dict[str, Any]:
 
 def _filter_outputs(result: FilterResult) -> dict[str, Any]:
     return {
-        "clean_train": result.clean_train, "detection": result.detection, "report": result.report,
-        "flagged_table": result.flagged_table, "plots": result.plots, "n_flagged": result.n_flagged,
+        "clean_train": result.clean_train,
+        "detection": result.detection,
+        "report": result.report,
+        "flagged_table": result.flagged_table,
+        "plots": result.plots,
+        "n_flagged": result.n_flagged,
         "metrics": {"flagged_fraction": result.flagged_fraction, "n_flagged": result.n_flagged},
         "artifacts": [str(Path(result.report).parent)] if not is_s3(result.report) else [],
     }
@@ -553,15 +609,19 @@ def summarize(result: RunResult, config: PipelineConfig) -> str:
         "",
         f"flagged            {result.flagged} of {result.samples} samples "
         f"({after.get('flagged_fraction', 0.0):.1%})",
-        f"detection P/R/F1   {fmt(after.get('detection_precision'))} / {fmt(after.get('detection_recall'))} / "
-        f"{fmt(after.get('detection_f1'))}",
+        "detection P/R/F1   "
+        + " / ".join(fmt(after.get(f"detection_{m}")) for m in ("precision", "recall", "f1")),
         "                   before (probe)   after",
         f"ASR                {fmt(before.get('asr')):>14}   {fmt(after.get('asr'))}",
         f"residual ASR       {fmt(before.get('residual_asr')):>14}   {fmt(after.get('residual_asr'))}",
-        f"clean accuracy     {fmt(before.get('clean_exact_match')):>14}   {fmt(after.get('clean_exact_match'))}",
+        f"clean accuracy     {fmt(before.get('clean_exact_match')):>14}   "
+        f"{fmt(after.get('clean_exact_match'))}",
         f"gate               {'PASSED' if decision.passed else 'FAILED'}: "
-        + (f"{result.gate.model_name} v{result.gate.version} now holds @{result.gate.alias}"
-           if result.gate.promoted else "no alias moved"),
+        + (
+            f"{result.gate.model_name} v{result.gate.version} now holds @{result.gate.alias}"
+            if result.gate.promoted
+            else "no alias moved"
+        ),
     ]
     lines += [f"                   - {reason}" for reason in decision.reasons]
     uri = tr.resolve_tracking_uri(config.tracking.tracking_uri)
