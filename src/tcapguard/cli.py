@@ -133,49 +133,14 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> None:
     print(f"untrained tiny {args.family} model -> {out}")
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
+def cmd_demo(args: argparse.Namespace) -> int:
     from tcapguard.demo import run_demo
 
-    run_demo(family=args.family, attack=args.attack, rate=args.rate, seed=args.seed, cache_dir=args.cache_dir)
-
-
-def cmd_gate(args: argparse.Namespace) -> int:
-    """Judge a registered model version; exit 0 pass (alias moved), 1 fail, 2 error."""
-    from tcapguard.gate import GateError, GatePolicy, PolicyError, find_version_by_run, run_gate
-    from tcapguard.storage import atomic_write
-    from tcapguard.tracking import TrackingError, redact_uri, resolve_tracking_uri
-
-    def write_summary(text: str) -> None:
-        if args.summary_md:
-            with atomic_write(args.summary_md, "w") as handle:
-                handle.write(text)
-
-    uri = resolve_tracking_uri(args.tracking_uri)
-    try:
-        policy = GatePolicy.from_file(args.policy)
-        version = args.version or find_version_by_run(args.model_name, args.run_id, tracking_uri=uri)
-        result = run_gate(args.model_name, version, policy, tracking_uri=uri)
-    except (GateError, PolicyError, TrackingError) as err:
-        write_summary(f"## Backdoor promotion gate: ERROR\n\n{args.model_name}: {err}\n")
-        raise
-    decision = result.decision
-    verdict = "PASSED" if decision.passed else "FAILED"
-    champion = f"version {result.champion_version}" if result.champion_version else "none yet"
-    head = (
-        f"{result.model_name} version {result.version} (run {result.run_id or 'none'}); "
-        f"{result.alias}: {champion}; MLflow {redact_uri(uri)}"
+    result = run_demo(
+        family=args.family, attack=args.attack, rate=args.rate, seed=args.seed, work_dir=args.work_dir,
+        cache_dir=args.cache_dir,
     )
-    action = (
-        f"alias {result.alias!r} -> version {result.version}"
-        if result.promoted
-        else f"alias {result.alias!r} not moved; version tagged backdoor_gate=failed"
-    )
-    print(f"backdoor gate {verdict}: {head}\n\n{decision.table()}\n")
-    for reason in decision.reasons:
-        print(f"  - {reason}")
-    print(action)
-    write_summary(decision.markdown() + f"\n{head}.\n\n{action}.\n")
-    return 0 if decision.passed else 1
+    return 0 if result.passed else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", default="badnet")
     p.add_argument("--rate", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", help="where trained worlds are cached (default .cache/tcapguard)")
+    p.add_argument("--work-dir", default=".tcapguard/demo", help="data, step outputs and the MLflow store")
+    p.add_argument("--cache-dir", help="where base models are cached (default .cache/tcapguard)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
