@@ -1,0 +1,715 @@
+"""Find poisoned training samples from attention profiles: the TCAP filter and the BYE baseline.
+
+Both are estimators in the scikit-learn/PyOD mould: ``__init__`` stores options, ``fit(profile)``
+returns ``self`` and leaves fitted attributes with a trailing underscore. Both end in the same step:
+``scores_`` (higher = more likely poisoned, a posterior in [0, 1]) is compared with ``threshold_``
+to give ``labels_``. A filter that finds no trustworthy evidence says so by raising ``threshold_``
+to 1.0 (nothing can exceed it) and explaining why in ``decision_``; "nothing flagged" is a normal
+answer, since most uploads are clean.
+
+TCAP (arXiv 2601.21692) per head: min-max normalised system share, 1-D Gaussian mixtures with
+K = 1..5 chosen by AIC, components split into a minority target and a majority background, a
+separation score SS = 1 / (overlap + eps), the top heads vote when a sample's target responsibility
+exceeds ``vote_threshold``, and binary Dawid-Skene EM turns votes into a posterior.
+
+Where the paper's split and selection rules fail in practice (see the method notes: template
+structure makes clean heads multimodal; a clean upload got two thirds of its samples flagged; a
+"target = all but the largest component" rule swallows the clean bulk), the defaults here differ:
+
+- ``split_rule="extreme"``: the target is a run of components at one end (low or high) of the head's
+  range with total weight in [min_poison_fraction, max_poison_fraction]; its overlap with the
+  background is measured relative to the target's own mass (the share of target mass the background
+  could explain), so a tiny component does not win by being tiny. Each head picks its own side, so
+  poison may push the system share down in one head and up in another.
+- ``head_selection="agreement"``: poison heads flag the same samples, heads split by query template
+  or by a few outliers mostly do not. Among well-separated heads, the filter keeps the largest group
+  whose votes agree (Cohen's kappa >= ``min_agreement``) and declines when fewer than ``min_heads``
+  heads agree.
+- Dawid-Skene with a Beta prior on the poison prior, and a final check that declines when the
+  estimated poison fraction exceeds ``max_poison_fraction`` or when the posterior is spread rather
+  than split (more than ``max_uncertain`` of the samples between 0.1 and 0.9).
+The paper's own reading stays available (``split_rule="paper"``, ``head_selection="top"``).
+
+BYE (NeurIPS 2025): per layer a 2-component mixture of the vision-attention entropy; a layer is
+sensitive when its component means are more than ``sigma_factor`` x (sigma1 + sigma2) apart; a
+2-component mixture of the mean entropy over the sensitive layers; the low-entropy component is
+flagged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from tcapguard import __version__
+from tcapguard.mixtures import GaussianMixture1D
+from tcapguard.storage import read_bytes, write_bytes
+from tcapguard.voting import DawidSkeneResult, dawid_skene
+
+log = logging.getLogger(__name__)
+
+FEATURES = {"system": 0, "vision": 1, "text": 2}
+MIN_SAMPLES = 20
+_GRID = 4096
+
+
+class ProfileLike(Protocol):
+    """What the filters read from ``tcapguard.profiling.Profile`` (or any object with these fields)."""
+
+    ids: list[str]
+    shares: np.ndarray
+    vision_entropy: np.ndarray
+
+
+def _threshold(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """The one thresholding step every filter uses: flagged = score strictly above the threshold."""
+    return scores > threshold
+
+
+class _PoisonFilter:
+    """Shared surface: ``fit`` -> ``scores_``, ``threshold_``, ``labels_``, ``n_flagged_``, ``decision_``."""
+
+    threshold: float
+
+    def _finish(self, scores: np.ndarray, *, decline: str | None, decision: str) -> None:
+        self.scores_ = scores
+        self.threshold_ = 1.0 if decline else float(self.threshold)
+        self.labels_ = _threshold(scores, self.threshold_)
+        self.n_flagged_ = int(self.labels_.sum())
+        self.declined_ = decline is not None
+        self.decision_ = decline or decision
+        log.info("%s: %s", type(self).__name__, self.decision_)
+
+    def fit_predict(self, X: Any) -> np.ndarray:
+        """``fit(X).labels_``."""
+        return self.fit(X).labels_  # type: ignore[attr-defined]
+
+
+def _ids_and(obj: Any, field: str) -> tuple[list[str] | None, np.ndarray]:
+    if isinstance(obj, np.ndarray):
+        return None, obj
+    if not hasattr(obj, field):
+        raise TypeError(f"expected a Profile (with .{field}) or a numpy array, got {type(obj).__name__}")
+    ids = list(obj.ids) if getattr(obj, "ids", None) is not None else None
+    return ids, np.asarray(getattr(obj, field))
+
+
+def _check_shares(X: Any) -> tuple[list[str] | None, np.ndarray]:
+    ids, shares = _ids_and(X, "shares")
+    if shares.ndim != 4 or shares.shape[-1] != 3:
+        raise ValueError(
+            f"shares must be [n_samples, n_layers, n_heads, 3] (system, vision, text), got shape "
+            f"{shares.shape}; pass Profile.shares from tcapguard.profiling.load_profile"
+        )
+    n = shares.shape[0]
+    if n < MIN_SAMPLES:
+        raise ValueError(f"need at least {MIN_SAMPLES} samples to fit mixtures, got {n}")
+    bad = ~np.isfinite(shares)
+    if bad.any():
+        where = np.argwhere(bad)[0]
+        raise ValueError(
+            f"shares has {int(bad.sum())} NaN/inf values (first at sample {where[0]}, layer "
+            f"{where[1]}, head {where[2]}); re-profile those samples or drop them"
+        )
+    sums = shares.sum(axis=-1)
+    if (shares < -1e-3).any() or (shares > 1 + 1e-3).any() or np.abs(sums - 1).max() > 1e-2:
+        raise ValueError(
+            "shares must be attention masses in [0, 1] summing to 1 over (system, vision, text) "
+            f"per sample/layer/head; got values in [{shares.min():.3g}, {shares.max():.3g}] "
+            f"and sums in [{sums.min():.3g}, {sums.max():.3g}]"
+        )
+    if ids is not None and len(ids) != n:
+        raise ValueError(f"profile has {len(ids)} ids but {n} rows of shares")
+    return ids, shares
+
+
+def _minmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column min-max normalisation; constant columns become 0 and are reported."""
+    lo, hi = x.min(axis=0), x.max(axis=0)
+    span = hi - lo
+    flat = span <= 1e-12
+    return (x - lo) / np.where(flat, 1.0, span), flat
+
+
+def _component_densities(gm: GaussianMixture1D, rows: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Weighted density of each component on ``grid``, [len(rows), K, G]."""
+    w, mu, var = gm.weights_[rows], gm.means_[rows], gm.covariances_[rows]
+    d = grid[None, None, :] - mu[:, :, None]
+    return w[:, :, None] * np.exp(-0.5 * d * d / var[:, :, None]) / np.sqrt(2 * np.pi * var[:, :, None])
+
+
+def split_components(
+    gm: GaussianMixture1D,
+    *,
+    rule: str = "extreme",
+    max_fraction: float = 0.3,
+    min_fraction: float = 0.005,
+    eps: float = 1e-3,
+    chunk: int = 128,
+) -> dict[str, np.ndarray]:
+    """Split each fitted mixture into target and background; return the best split per series.
+
+    Returns ``target`` (bool [B, K], the target components), ``side`` (-1 low end, +1 high end, 0 none),
+    ``weight`` (target mass), ``overlap`` and ``separation`` (1 / (overlap + eps); 0 where no split
+    qualifies). ``rule="paper"``: target = every component but the heaviest, overlap = integral of
+    min(weighted target, weighted background). ``rule="extreme"``: see the module docstring.
+    """
+    b, kmax = gm.weights_.shape
+    ncomp = gm.n_components_
+    grid = np.linspace(-0.1, 1.1, _GRID)
+    dx = grid[1] - grid[0]
+    out = {
+        "target": np.zeros((b, kmax), dtype=bool),
+        "side": np.zeros(b, dtype=np.int64),
+        "weight": np.zeros(b),
+        "overlap": np.ones(b),
+        "separation": np.zeros(b),
+    }
+    for s in range(0, b, chunk):
+        rows = np.arange(s, min(s + chunk, b))
+        dens = _component_densities(gm, rows, grid)
+        k = ncomp[rows]
+        cands: list[tuple[np.ndarray, np.ndarray]] = []  # (mask [R, K], side [R])
+        if rule == "paper":
+            heavy = gm.weights_[rows].argmax(axis=1)
+            mask = np.arange(kmax)[None, :] < k[:, None]
+            mask[np.arange(rows.size), heavy] = False
+            cands.append((mask, np.zeros(rows.size, dtype=np.int64)))
+        else:
+            for i in range(1, kmax):
+                idx = np.arange(kmax)[None, :]
+                low = (idx < i) & (i < k[:, None])
+                high = (idx >= k[:, None] - i) & (idx < k[:, None]) & (i < k[:, None])
+                cands.append((low, np.full(rows.size, -1)))
+                cands.append((high, np.full(rows.size, 1)))
+        valid_comp = np.arange(kmax)[None, :] < k[:, None]
+        for mask, side in cands:
+            tw = (gm.weights_[rows] * mask).sum(axis=1)
+            t = (dens * mask[:, :, None]).sum(axis=1)
+            bg = (dens * (valid_comp & ~mask)[:, :, None]).sum(axis=1)
+            inter = np.minimum(t, bg).sum(axis=1) * dx
+            if rule == "paper":
+                ok = mask.any(axis=1)
+                ov = inter
+            else:
+                ok = mask.any(axis=1) & (tw >= min_fraction) & (tw <= max_fraction)
+                ov = inter / np.maximum(tw, 1e-12)
+            sep = np.where(ok, 1.0 / (ov + eps), 0.0)
+            better = sep > out["separation"][rows]
+            r = rows[better]
+            out["target"][r] = mask[better]
+            out["side"][r] = side[better]
+            out["weight"][r] = tw[better]
+            out["overlap"][r] = ov[better]
+            out["separation"][r] = sep[better]
+    return out
+
+
+def cohen_kappa_matrix(votes: np.ndarray) -> np.ndarray:
+    """Pairwise Cohen's kappa between the binary vote columns of ``votes`` [N, J]."""
+    v = votes.astype(np.float64)
+    n = v.shape[0]
+    p = v.mean(axis=0)
+    both = v.T @ v / n
+    neither = (1 - v).T @ (1 - v) / n
+    po = both + neither
+    pe = np.outer(p, p) + np.outer(1 - p, 1 - p)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kappa = (po - pe) / (1 - pe)
+    return np.nan_to_num(kappa, nan=0.0)
+
+
+def _two_sided_auroc(ranks: np.ndarray, member: np.ndarray) -> np.ndarray:
+    """AUROC of ``member`` vs the rest in every column of ``ranks`` (Mann-Whitney), folded to >= 0.5."""
+    n1 = int(member.sum())
+    n0 = member.size - n1
+    if n1 == 0 or n0 == 0:
+        return np.full(ranks.shape[1], 0.5)
+    auc = (ranks[member].sum(axis=0) - n1 * (n1 + 1) / 2) / (n1 * n0)
+    return np.maximum(auc, 1 - auc)
+
+
+def _class_conditional_votes(x: np.ndarray, member: np.ndarray, tau: float, reg: float) -> np.ndarray:
+    """Per column, P(member | x) from one Gaussian per class (fitted on ``member``) > tau, [N, C]."""
+    prior = member.mean()
+    out = np.empty(x.shape, dtype=bool)
+    for j in range(x.shape[1]):
+        a, b = x[member, j], x[~member, j]
+        la = -0.5 * (x[:, j] - a.mean()) ** 2 / (a.var() + reg) - 0.5 * np.log(a.var() + reg) + np.log(prior)
+        lb = (
+            -0.5 * (x[:, j] - b.mean()) ** 2 / (b.var() + reg)
+            - 0.5 * np.log(b.var() + reg)
+            + np.log1p(-prior)
+        )
+        out[:, j] = 1 / (1 + np.exp(np.clip(lb - la, -500, 500))) > tau
+    return out
+
+
+class TCAPFilter(_PoisonFilter):
+    """Tri-Component Attention Profiling poison filter; see the module docstring for the rules.
+
+    Parameters (defaults measured on the real tiny-world profiles and the synthetic ones in
+    ``tcapguard.synthetic``; see the README section on detection):
+        n_heads: heads that vote; an int, or "auto" (every supporting head, at most ``max_heads``;
+            with ``head_selection="top"``, the largest drop in the sorted separation scores).
+        n_layers: only the last ``n_layers`` layers are searched; None searches all of them.
+        feature: which share is modelled: "system" (the paper), "vision" or "text".
+        split_rule: "extreme" (default) or "paper".
+        head_selection: "support" (default) or "top" (the paper: top ``n_heads`` by SS).
+        max_poison_fraction / min_poison_fraction: bounds on the target weight; the filter also
+            declines when Dawid-Skene's poison prior exceeds ``max_poison_fraction``.
+        min_separation: SS a head needs to seed a group (SS 20: 5% of the target mass overlaps).
+        min_support_auc: AUROC at which another head counts as separating the seed's group.
+        min_heads: heads (seed included) that must separate the group; max_footprint: the largest
+            share of searched heads that may separate it (more is query-template structure).
+        vote_threshold: responsibility above which a head votes poisoned (the paper's tau).
+        prior_strength: Beta(a, b) prior on the poison prior in Dawid-Skene.
+        max_uncertain: decline when more than this share of samples has a posterior in (0.1, 0.9).
+        threshold: posterior above which a sample is flagged.
+        n_components, criterion, reg_covar, tol, max_iter, n_init, n_bins: the mixtures (see
+            ``GaussianMixture1D``); n_bins="auto" bins only above 20,000 samples.
+    """
+
+    def __init__(
+        self,
+        n_heads: int | str = "auto",
+        n_layers: int | None = None,
+        *,
+        feature: str = "system",
+        split_rule: str = "extreme",
+        head_selection: str = "support",
+        max_heads: int = 16,
+        max_poison_fraction: float = 0.3,
+        min_poison_fraction: float = 0.005,
+        min_separation: float = 20.0,
+        min_support_auc: float = 0.9,
+        min_heads: int = 3,
+        max_footprint: float = 0.15,
+        max_candidates: int = 32,
+        vote_threshold: float = 0.5,
+        prior_strength: tuple[float, float] = (1.0, 4.0),
+        max_uncertain: float = 0.05,
+        threshold: float = 0.5,
+        n_components: tuple[int, ...] = (1, 2, 3, 4, 5),
+        criterion: str = "aic",
+        reg_covar: float = 1e-6,
+        tol: float = 1e-3,
+        max_iter: int = 100,
+        n_init: int = 1,
+        n_bins: int | str | None = "auto",
+        random_state: int | None = 0,
+    ):
+        self.n_heads = n_heads
+        self.n_layers = n_layers
+        self.feature = feature
+        self.split_rule = split_rule
+        self.head_selection = head_selection
+        self.max_heads = max_heads
+        self.max_poison_fraction = max_poison_fraction
+        self.min_poison_fraction = min_poison_fraction
+        self.min_separation = min_separation
+        self.min_support_auc = min_support_auc
+        self.min_heads = min_heads
+        self.max_footprint = max_footprint
+        self.max_candidates = max_candidates
+        self.vote_threshold = vote_threshold
+        self.prior_strength = prior_strength
+        self.max_uncertain = max_uncertain
+        self.threshold = threshold
+        self.n_components = n_components
+        self.criterion = criterion
+        self.reg_covar = reg_covar
+        self.tol = tol
+        self.max_iter = max_iter
+        self.n_init = n_init
+        self.n_bins = n_bins
+        self.random_state = random_state
+
+    def _check_params(self, n_layers_total: int) -> None:
+        def one_of(name: str, allowed: tuple) -> None:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TCAPFilter.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+        one_of("feature", tuple(FEATURES))
+        one_of("split_rule", ("extreme", "paper"))
+        one_of("head_selection", ("support", "top"))
+        if not (self.n_heads == "auto" or (isinstance(self.n_heads, int) and self.n_heads >= 1)):
+            raise ValueError(f"TCAPFilter.n_heads must be a positive int or 'auto', got {self.n_heads!r}")
+        if self.n_layers is not None and not (
+            isinstance(self.n_layers, int) and 1 <= self.n_layers <= n_layers_total
+        ):
+            raise ValueError(
+                f"TCAPFilter.n_layers must be None or an int in [1, {n_layers_total}] (the profile "
+                f"has {n_layers_total} layers), got {self.n_layers!r}"
+            )
+        if not 0 < self.min_poison_fraction < self.max_poison_fraction < 1:
+            raise ValueError(
+                "TCAPFilter needs 0 < min_poison_fraction < max_poison_fraction < 1, got "
+                f"{self.min_poison_fraction} and {self.max_poison_fraction}"
+            )
+        for name in ("vote_threshold", "threshold", "max_uncertain"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"TCAPFilter.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not 0.5 <= self.min_support_auc <= 1 or not 0 < self.max_footprint <= 1:
+            raise ValueError("TCAPFilter needs min_support_auc in [0.5, 1] and max_footprint in (0, 1]")
+        if self.min_heads < 1 or self.max_heads < 1 or self.max_candidates < 1:
+            raise ValueError("TCAPFilter.min_heads, max_heads and max_candidates must be >= 1")
+
+    def fit(self, X: ProfileLike | np.ndarray) -> TCAPFilter:
+        """Fit on a Profile or a shares array [N, L, H, 3]; returns self."""
+        self.ids_, shares = _check_shares(X)
+        n, n_layers, n_heads, _ = shares.shape
+        self._check_params(n_layers)
+        first = n_layers - (self.n_layers or n_layers)
+        feat = shares[:, first:, :, FEATURES[self.feature]].reshape(n, -1).astype(np.float64)
+        values, flat = _minmax(feat)
+        n_bins = (1024 if n > 20000 else None) if self.n_bins == "auto" else self.n_bins
+        ks = tuple(k for k in self.n_components if k <= n)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unconverged heads are counted in n_unconverged_
+            gm = GaussianMixture1D(
+                ks,
+                criterion=self.criterion,
+                tol=self.tol,
+                reg_covar=self.reg_covar,
+                max_iter=self.max_iter,
+                n_init=self.n_init,
+                n_bins=n_bins,
+                random_state=self.random_state,
+            ).fit(values)
+        self.n_unconverged_ = int((~gm.converged_).sum())
+        split = split_components(
+            gm,
+            rule=self.split_rule,
+            max_fraction=self.max_poison_fraction,
+            min_fraction=self.min_poison_fraction,
+        )
+        sep = split["separation"]
+        sep[flat] = 0.0
+        self.head_scores_ = np.zeros((n_layers, n_heads))
+        self.head_scores_[first:] = sep.reshape(-1, n_heads)
+        self.layers_searched_ = (first, n_layers)
+        self.candidates_: list[dict] = []
+        order = np.argsort(-sep, kind="stable")
+
+        decline = None
+        if self.head_selection == "top":
+            sel = order[: self.max_heads if self.n_heads == "auto" else self.n_heads]
+            sel = sel[sep[sel] > 0]
+            if self.n_heads == "auto" and sel.size > 1:
+                logs = np.log(sep[sel])
+                sel = sel[: int(np.argmax(logs[:-1] - logs[1:])) + 1]
+            if sel.size == 0:
+                decline = "declined: no head has a target/background split"
+            votes = self._target_responsibility(gm, values, sel, split["target"]) > self.vote_threshold
+            self.head_support_ = np.ones(sel.size)
+        else:
+            every = shares[:, first:].reshape(n, -1)  # all three shares: the footprint of a group
+            sel, votes, decline = self._seed_and_support(gm, values, every, split, order)
+        self.heads_ = [(int(first + i // n_heads), int(i % n_heads), float(sep[i])) for i in sel]
+        self.mixtures_ = {
+            (lay, h): {
+                "n_components": int(gm.n_components_[i]),
+                "weights": gm.weights_[i, : gm.n_components_[i]].tolist(),
+                "means": gm.means_[i, : gm.n_components_[i]].tolist(),
+                "covariances": gm.covariances_[i, : gm.n_components_[i]].tolist(),
+                "target": split["target"][i, : gm.n_components_[i]].tolist(),
+                "side": int(split["side"][i]),
+            }
+            for (lay, h, _), i in zip(self.heads_, sel, strict=True)
+        }
+        self.head_values_ = values[:, sel].astype(np.float32)
+        self.votes_ = votes
+
+        if sel.size == 0:
+            self.head_reliability_ = {"sensitivity": np.zeros(0), "specificity": np.zeros(0)}
+            self.poison_prior_ = 0.0
+            self.uncertain_fraction_ = 0.0
+            self._finish(np.zeros(n), decline=decline or "declined: no head selected", decision="")
+            return self
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds: DawidSkeneResult = dawid_skene(votes, prior_strength=self.prior_strength)
+        self.dawid_skene_ = ds
+        self.head_reliability_ = {"sensitivity": ds.sensitivity, "specificity": ds.specificity}
+        self.poison_prior_ = ds.prior
+        post = ds.posterior
+        self.uncertain_fraction_ = float(((post > 0.1) & (post < 0.9)).mean())
+        if decline is None and ds.prior > self.max_poison_fraction:
+            decline = (
+                f"declined: Dawid-Skene puts {ds.prior:.1%} of samples in the poison class, above "
+                f"max_poison_fraction={self.max_poison_fraction}"
+            )
+        if decline is None and self.uncertain_fraction_ > self.max_uncertain:
+            decline = (
+                f"declined: posterior spread, {self.uncertain_fraction_:.1%} of samples between 0.1 "
+                f"and 0.9 (max_uncertain={self.max_uncertain})"
+            )
+        self._finish(
+            post,
+            decline=decline,
+            decision=f"{int(_threshold(post, self.threshold).sum())} of {n} samples flagged by "
+            f"{sel.size} head(s); poison prior {ds.prior:.2%}",
+        )
+        return self
+
+    def _seed_and_support(
+        self, gm: GaussianMixture1D, values: np.ndarray, every: np.ndarray, split: dict, order: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, str | None]:
+        """Seed: the best-separated head whose target group other heads also separate, but not most.
+
+        Query-template structure moves the attention of nearly every head, so a template group is
+        separable almost everywhere; a single odd head separates its group nowhere else; the
+        backdoor sits in between. Voters: the seed (its mixture) and the supporting heads (one
+        Gaussian per class, fitted on the seed's group).
+        """
+        n, c = values.shape
+        sep = split["separation"]
+        cand = order[: self.max_candidates]
+        cand = cand[sep[cand] >= self.min_separation]
+        rng = np.random.default_rng(self.random_state)
+        sub = np.sort(rng.choice(n, size=min(n, 5000), replace=False))
+        ranks = np.argsort(np.argsort(every[sub], axis=0, kind="stable"), axis=0).astype(np.float64) + 1
+        resp = self._target_responsibility(gm, values, cand, split["target"])
+        empty = np.zeros(0, dtype=np.int64)
+        for j, i in enumerate(cand):
+            group = resp[:, j] > self.vote_threshold
+            auc_all = _two_sided_auroc(ranks, group[sub])
+            footprint = float((auc_all >= self.min_support_auc).mean())
+            auc = auc_all.reshape(c, 3)[:, FEATURES[self.feature]]
+            support = np.flatnonzero(auc >= self.min_support_auc)
+            row = {
+                "head": int(i),
+                "separation": float(sep[i]),
+                "n_target": int(group.sum()),
+                "support": int(support.size),
+                "footprint": footprint,
+            }
+            row["eligible"] = bool(self.min_heads <= support.size and row["footprint"] <= self.max_footprint)
+            self.candidates_.append(row)
+            if not row["eligible"]:
+                continue
+            others = support[support != i]
+            others = others[np.argsort(-auc[others], kind="stable")]
+            cap = (self.max_heads if self.n_heads == "auto" else self.n_heads) - 1
+            others = others[:cap]
+            sel = np.concatenate([[i], others]).astype(np.int64)
+            self.head_support_ = np.concatenate([[1.0], auc[others]])
+            votes = np.concatenate(
+                [
+                    group[:, None],
+                    _class_conditional_votes(values[:, others], group, self.vote_threshold, self.reg_covar),
+                ],
+                axis=1,
+            )
+            return sel, votes, None
+        self.head_support_ = np.zeros(0)
+        reason = (
+            f"declined: none of {cand.size} head(s) with SS >= {self.min_separation} has a target group "
+            f"that at least {self.min_heads} heads and at most {self.max_footprint:.0%} of the "
+            f"searched head-shares separate (AUROC >= {self.min_support_auc})"
+        )
+        return empty, np.zeros((n, 0), dtype=bool), reason
+
+    @staticmethod
+    def _target_responsibility(
+        gm: GaussianMixture1D, values: np.ndarray, cols: np.ndarray, target: np.ndarray, chunk: int = 16
+    ) -> np.ndarray:
+        out = np.zeros((values.shape[0], cols.size))
+        for s in range(0, cols.size, chunk):
+            c = cols[s : s + chunk]
+            resp = gm.predict_proba(values[:, c], series=c)
+            out[:, s : s + chunk] = (resp * target[c][None]).sum(axis=2)
+        return out
+
+
+class BYEFilter(_PoisonFilter):
+    """The BYE baseline on ``vision_entropy`` [N, L], with TCAPFilter's fitted surface.
+
+    Samples without an image (NaN entropy) get score 0 and are never flagged. When no layer is
+    sensitive the filter flags nothing and ``sensitive_layers_`` is empty (``decision_`` says so).
+    """
+
+    def __init__(
+        self,
+        *,
+        sigma_factor: float = 2.0,
+        threshold: float = 0.5,
+        reg_covar: float = 1e-6,
+        tol: float = 1e-3,
+        max_iter: int = 100,
+        n_init: int = 1,
+        random_state: int | None = 0,
+    ):
+        self.sigma_factor = sigma_factor
+        self.threshold = threshold
+        self.reg_covar = reg_covar
+        self.tol = tol
+        self.max_iter = max_iter
+        self.n_init = n_init
+        self.random_state = random_state
+
+    def _mixture(self) -> GaussianMixture1D:
+        return GaussianMixture1D(
+            2,
+            reg_covar=self.reg_covar,
+            tol=self.tol,
+            max_iter=self.max_iter,
+            n_init=self.n_init,
+            random_state=self.random_state,
+        )
+
+    def fit(self, X: ProfileLike | np.ndarray) -> BYEFilter:
+        """Fit on a Profile or a vision-entropy array [N, L]; returns self."""
+        self.ids_, ent = _ids_and(X, "vision_entropy")
+        if ent.ndim != 2:
+            raise ValueError(f"vision_entropy must be [n_samples, n_layers], got shape {ent.shape}")
+        if not 0 <= self.threshold < 1 or self.sigma_factor <= 0:
+            raise ValueError("BYEFilter needs threshold in [0, 1) and sigma_factor > 0")
+        n = ent.shape[0]
+        has_image = np.isfinite(ent).all(axis=1)
+        if np.isinf(ent).any():
+            raise ValueError(
+                "vision_entropy has infinite values; entropies are finite (NaN marks 'no image')"
+            )
+        if has_image.sum() < MIN_SAMPLES:
+            raise ValueError(
+                f"need at least {MIN_SAMPLES} samples with an image (finite vision_entropy), "
+                f"got {int(has_image.sum())} of {n}"
+            )
+        x = ent[has_image].astype(np.float64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            layers = self._mixture().fit(x)
+        sd = np.sqrt(layers.covariances_)
+        gap = np.abs(layers.means_[:, 1] - layers.means_[:, 0])
+        self.layer_mixtures_ = layers
+        self.layer_gaps_ = gap / (sd.sum(axis=1))
+        self.sensitive_layers_ = np.flatnonzero(gap > self.sigma_factor * sd.sum(axis=1))
+        self.has_image_ = has_image
+        scores = np.zeros(n)
+        if self.sensitive_layers_.size == 0:
+            self.mixture_ = None
+            self.mean_entropy_ = None
+            self._finish(
+                scores,
+                decline=f"declined: no layer is sensitive (component means never more than "
+                f"{self.sigma_factor} x (sigma1 + sigma2) apart)",
+                decision="",
+            )
+            return self
+        mean_ent = x[:, self.sensitive_layers_].mean(axis=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.mixture_ = self._mixture().fit(mean_ent)
+        self.mean_entropy_ = np.full(n, np.nan)
+        self.mean_entropy_[has_image] = mean_ent
+        scores[has_image] = self.mixture_.predict_proba(mean_ent)[:, 0, 0]  # components sorted: 0 = low
+        self._finish(
+            scores,
+            decline=None,
+            decision=f"{int(_threshold(scores, self.threshold).sum())} of {n} samples in the "
+            f"low-entropy cluster over {self.sensitive_layers_.size} sensitive layer(s)",
+        )
+        return self
+
+
+@dataclass
+class FilterConfig:
+    """Options of the filter stage, saved as one JSON (``save_pretrained``/``from_pretrained``).
+
+    Fields mirror ``TCAPFilter`` (and ``BYEFilter`` for ``method="bye"``); see their docstrings.
+    """
+
+    method: str = "tcap"  # "tcap" or "bye"
+    n_heads: int | str = "auto"
+    n_layers: int | None = None
+    feature: str = "system"
+    split_rule: str = "extreme"
+    head_selection: str = "support"
+    max_heads: int = 16
+    max_poison_fraction: float = 0.3
+    min_poison_fraction: float = 0.005
+    min_separation: float = 20.0
+    min_support_auc: float = 0.9
+    min_heads: int = 3
+    max_footprint: float = 0.15
+    vote_threshold: float = 0.5
+    prior_strength: tuple[float, float] = (1.0, 4.0)
+    max_uncertain: float = 0.05
+    threshold: float = 0.5
+    sigma_factor: float = 2.0  # BYE only
+    n_init: int = 1
+    n_bins: int | str | None = "auto"
+    random_state: int | None = 0
+
+    FILE = "filter_config.json"
+
+    def __post_init__(self) -> None:
+        if self.method not in ("tcap", "bye"):
+            raise ValueError(f"FilterConfig.method must be 'tcap' or 'bye', got {self.method!r}")
+        self.prior_strength = tuple(self.prior_strength)
+        if self.method == "tcap":
+            self.to_estimator()._check_params(n_layers_total=10**6)
+
+    def to_estimator(self) -> TCAPFilter | BYEFilter:
+        """The configured, unfitted filter."""
+        if self.method == "bye":
+            return BYEFilter(
+                sigma_factor=self.sigma_factor,
+                threshold=self.threshold,
+                n_init=self.n_init,
+                random_state=self.random_state,
+            )
+        opts = {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("method", "sigma_factor")
+        }
+        return TCAPFilter(**opts)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FilterConfig:
+        """A config from JSON-style settings; unknown keys warn and are ignored."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known - {"config_type", "tcapguard_version"})
+        if unknown:
+            warnings.warn(f"FilterConfig: ignoring unknown field(s) {unknown}", UserWarning, stacklevel=2)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save_pretrained(self, directory: str | Path) -> str:
+        """Write ``filter_config.json`` (type and tcapguard version included) under ``directory``."""
+        target = f"{str(directory).rstrip('/')}/{self.FILE}"
+        body = {"config_type": type(self).__name__, "tcapguard_version": __version__, **self.to_dict()}
+        write_bytes(target, (json.dumps(body, indent=2) + "\n").encode())
+        return target
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> FilterConfig:
+        data = json.loads(read_bytes(f"{str(directory).rstrip('/')}/{cls.FILE}"))
+        if data.get("config_type", cls.__name__) != cls.__name__:
+            raise ValueError(f"{directory}/{cls.FILE} holds a {data['config_type']}, not a {cls.__name__}")
+        return cls.from_dict(data)
+
+
+def find_poisoned_samples(
+    profile: ProfileLike | np.ndarray, *, method: str = "tcap", **options: Any
+) -> np.ndarray:
+    """One call: a bool mask [N] of the samples to drop before fine-tuning again.
+
+    ``method``: "tcap" (``TCAPFilter``, reads ``profile.shares``) or "bye" (``BYEFilter``, reads
+    ``profile.vision_entropy``). ``options`` go to the filter's constructor, e.g. ``n_heads=4``,
+    ``head_selection="top"``, ``split_rule="paper"`` (allowed values in ``TCAPFilter``'s docstring).
+    """
+    if method == "tcap":
+        return TCAPFilter(**options).fit(profile).labels_
+    if method == "bye":
+        return BYEFilter(**options).fit(profile).labels_
+    raise ValueError(f"method must be 'tcap' or 'bye', got {method!r}")
