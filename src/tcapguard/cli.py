@@ -69,6 +69,64 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from tcapguard.attacks import Attack, PoisonManifest
+    from tcapguard.data import load_dataset
+    from tcapguard.evaluation import Detection, EvaluationConfig, evaluate, load_regions
+    from tcapguard.models import load_model
+
+    settings = EvaluationConfig.load(args.config).to_dict() if args.config else {}
+    for name in ("target", "clean_metric", "batch_size", "max_new_tokens", "device"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    config = EvaluationConfig.from_dict(settings)
+    if args.reference_model and args.reference_score is not None:
+        raise ValueError("give --reference-model or --reference-score, not both")
+    if args.regions and not (args.detection and args.train):
+        raise ValueError("--regions needs --detection and --train (it is used for residual ASR)")
+    manifest = PoisonManifest.load(args.manifest) if args.manifest else None
+    attack = None
+    if args.attack:
+        attack = Attack.preset(args.attack, **({"target": config.target} if config.target else {}))
+    elif manifest is not None and manifest.attack and not args.triggered:
+        attack = Attack.from_dict(manifest.attack)  # the poisoning trigger makes the ASR split
+    test = load_dataset(args.test)
+    triggered = load_dataset(args.triggered) if args.triggered else None
+    detection = Detection.load(args.detection) if args.detection else None
+    train = load_dataset(args.train) if args.train else None
+    regions = load_regions(args.regions) if args.regions else None
+    model, processor = load_model(args.model, device=config.device)
+    reference = load_model(args.reference_model, device=config.device)[0] if args.reference_model else None
+    report = evaluate(
+        model,
+        processor,
+        test,
+        config,
+        triggered=triggered,
+        attack=attack,
+        manifest=manifest,
+        detection=detection,
+        train=train,
+        regions=regions,
+        reference_model=reference,
+        reference_score=args.reference_score,
+    )
+    report.inputs = {
+        "model": str(args.model),
+        "test": str(args.test),
+        "triggered": args.triggered,
+        "manifest": args.manifest,
+        "detection": args.detection,
+        "train": args.train,
+        "regions": args.regions,
+        "reference_model": args.reference_model,
+    }
+    paths = report.write(args.out)
+    shown = {k: v for k, v in report.to_json()["metrics"].items() if v is not None}
+    print(" ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+    print(f"metrics -> {paths['metrics.json']}; per-sample responses -> {paths['samples.csv']}")
+
+
 def cmd_make_world(args: argparse.Namespace) -> None:
     from tcapguard.world import write_vqa_world
 
@@ -123,6 +181,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu | cuda")
     p.add_argument("--lenient", action="store_true", help="skip bad records instead of failing")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="ASR, clean performance, detection and residual ASR -> metrics.json, samples.csv, summary.md",
+    )
+    p.add_argument(
+        "--model", required=True, help="model to evaluate: local directory, s3:// prefix or hub id"
+    )
+    p.add_argument("--test", required=True, help="clean test split (LLaVA-format dataset, path or s3:// URI)")
+    p.add_argument("--out", required=True, help="output directory or s3:// prefix")
+    p.add_argument(
+        "--triggered", help="triggered test split for ASR (default: made from --attack or the manifest)"
+    )
+    p.add_argument(
+        "--attack", help="attack preset whose trigger makes the ASR split: badnet | blend | sig | ..."
+    )
+    p.add_argument("--target", help="the attacker's response (default: the attack's or the manifest's)")
+    p.add_argument(
+        "--manifest", help="ground-truth poison manifest (detection metrics; its attack makes the ASR split)"
+    )
+    p.add_argument("--detection", help='filter output JSON: {"ids", "flagged", "scores"} or {"flagged_ids"}')
+    p.add_argument("--train", help="the uploaded training dataset (with --detection: residual ASR)")
+    p.add_argument("--regions", help="suspected trigger regions JSON {id: [x0, y0, x1, y1]} (residual ASR)")
+    p.add_argument("--reference-model", help="reference model for clean_drop (same processor)")
+    p.add_argument("--reference-score", type=float, help="reference clean_score for clean_drop")
+    p.add_argument("--config", help="EvaluationConfig JSON")
+    p.add_argument("--clean-metric", choices=("exact_match", "token_f1", "rouge_l"))
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--device", help="cpu | cuda")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("make-world", help="write the tiny VQA task (train.json, test.json, PNG images)")
     p.add_argument("out")
