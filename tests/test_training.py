@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from tcapguard import world
@@ -14,11 +15,15 @@ from tcapguard.models import load_model
 from tcapguard.tiny import FAMILIES
 from tcapguard.training import (
     IGNORE_INDEX,
+    CrossViewRegularizer,
     FinetuneConfig,
+    RobustConfig,
     collate,
     encode_example,
     finetune,
+    patch_augment,
     render_prompt,
+    vision_patch_size,
 )
 
 # What each family's chat template puts after the answer in the response tokens: llava-hf's template
@@ -362,3 +367,176 @@ def test_config_rejects_cuda_without_gpu():
 def test_config_to_dict_round_trips():
     config = FinetuneConfig(method="lora", save="adapter", lora_target_modules=["q_proj"], extra={"a": 1})
     assert FinetuneConfig(**config.to_dict()) == config
+
+
+# ------------------------------------------------------------------------------ robust fine-tuning
+
+
+def grid_image(seed: int = 0) -> torch.Tensor:
+    """[2, 3, 8, 12] images whose 2x2 patches (a 4x6 grid) are all distinct."""
+    return torch.rand((2, 3, 8, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def patches(x: torch.Tensor, size: int = 2) -> torch.Tensor:
+    """[n, cells, c*size*size] in row-major grid order."""
+    n, c, h, w = x.shape
+    return (
+        x.reshape(n, c, h // size, size, w // size, size)
+        .permute(0, 2, 4, 1, 3, 5)
+        .reshape(n, -1, c * size * size)
+    )
+
+
+@pytest.mark.parametrize("mode", ["shuffle", "mask", "drop"])
+def test_patch_augment_keeps_the_grid_and_is_seeded(mode):
+    x = grid_image()
+    out = patch_augment(x, patch_size=2, ratio=0.5, mode=mode, generator=torch.Generator().manual_seed(1))
+    again = patch_augment(x, patch_size=2, ratio=0.5, mode=mode, generator=torch.Generator().manual_seed(1))
+    other = patch_augment(x, patch_size=2, ratio=0.5, mode=mode, generator=torch.Generator().manual_seed(2))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert torch.equal(out, again) and not torch.equal(out, other)
+    before, after = patches(x), patches(out)
+    changed = (before != after).any(-1)
+    assert changed.sum(1).tolist() == [12, 12]  # round(0.5 * 24) cells per image, each one changed
+    if mode == "shuffle":  # the same patches, moved: multiset of patch contents unchanged
+        for n in range(2):
+            assert sorted(map(tuple, before[n].tolist())) == sorted(map(tuple, after[n].tolist()))
+    elif mode == "mask":
+        means = x.mean(dim=(2, 3))  # per image and channel
+        filled = after.reshape(2, 24, 3, 4)[changed]
+        assert torch.allclose(filled, means.repeat_interleave(12, 0)[:, :, None].expand(-1, -1, 4))
+    else:
+        assert (after[changed] == 0).all()
+    assert torch.equal(x, grid_image())  # input untouched
+
+
+def test_patch_augment_five_dims_and_errors():
+    tiles = torch.rand(2, 3, 3, 8, 8)  # LLaVA-NeXT style [images, tiles, C, H, W]
+    assert patch_augment(tiles, patch_size=4, ratio=0.25).shape == tiles.shape
+    with pytest.raises(ValueError, match="not a multiple of patch_size 3"):
+        patch_augment(tiles, patch_size=3, ratio=0.5)
+    with pytest.raises(ValueError, match=r"\[\.\.\., C, H, W\]"):
+        patch_augment(torch.rand(16, 48), patch_size=4, ratio=0.5)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        patch_augment(tiles, patch_size=4, ratio=0.5, mode="blur")
+
+
+def test_vision_patch_size_reads_the_model_config(tiny_models, small_tiny_config):
+    model, _ = tiny_models.load("llava")
+    assert vision_patch_size(model) == small_tiny_config("llava").patch_size
+
+
+def robust_step(model, processor, dataset, robust: RobustConfig, *, lr: float = 1e-3) -> tuple[dict, dict]:
+    """One SGD step on the robust terms alone (CE excluded); the regulariser's logs before and after."""
+    batch = collate(
+        [encode_example(processor, r, dataset.load_image(r)) for r in dataset.records[:6]],
+        processor.tokenizer.pad_token_id,
+    )
+    regularizer = CrossViewRegularizer(robust, seed=0)
+    regularizer.attach(model)
+    model.train()
+    model(**batch)
+    loss = regularizer(batch)
+    before = dict(regularizer.last)
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= lr * p.grad.sign()  # sign-SGD: a clear step even where gradients are small
+    model.zero_grad()
+    regularizer.generator.manual_seed(0)  # the same augmented view as before the step
+    model(**batch)
+    regularizer(batch)
+    after = dict(regularizer.last)
+    regularizer.release()
+    return before, after
+
+
+def test_hinge_term_pushes_the_views_apart(tiny_models, train_data):
+    model, processor = tiny_models.load("llava")
+    robust = RobustConfig(margin=1.0, gate=0.0, entropy_weight=0.0, cross_view_weight=1.0)
+    before, after = robust_step(model, processor, train_data, robust)
+    assert before["cross_view_distance"] < 1.0  # below the margin: the hinge is active
+    assert after["cross_view_distance"] > before["cross_view_distance"]
+
+
+def test_entropy_term_lowers_the_entropy(tiny_models, train_data):
+    model, processor = tiny_models.load("llava")
+    robust = RobustConfig(gate=0.0, cross_view_weight=0.0, entropy_weight=1.0, entropy_max=0.0)
+    before, after = robust_step(model, processor, train_data, robust)
+    assert before["entropy"] > 0.0 and after["entropy"] < before["entropy"]
+
+
+def test_gate_switches_off_the_loss_of_fully_invariant_samples(tiny_models):
+    """On blank images a patch shuffle changes nothing, so both views agree exactly (d = 0): with
+    gate=1 their cross-entropy is removed entirely and its gradient with it."""
+    model, processor = tiny_models.load("gemma3")
+    record = world.make_split(1, seed=3).records[0]
+    blank = Image.new("RGB", (32, 32), (90, 90, 90))
+    batch = collate([encode_example(processor, record, blank)] * 2, processor.tokenizer.pad_token_id)
+    robust = RobustConfig(gate=1.0, cross_view_weight=0.0, entropy_weight=0.0)
+    regularizer = CrossViewRegularizer(robust)
+    regularizer.attach(model)
+    ce = model(**batch).loss
+    correction = regularizer(batch)
+    assert regularizer.last["cross_view_distance"] == 0.0 and regularizer.last["ce_weight"] == 0.0
+    assert ce.item() > 0.5
+    torch.testing.assert_close(ce + correction, torch.zeros(()), atol=1e-5, rtol=0)
+    half = CrossViewRegularizer(RobustConfig(gate=0.5, cross_view_weight=0.0, entropy_weight=0.0))
+    half.attach(model)
+    ce = model(**batch).loss
+    torch.testing.assert_close(ce + half(batch), 0.5 * ce, atol=1e-5, rtol=1e-4)
+    regularizer.release()
+    half.release()
+    assert not model._forward_hooks
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_robust_finetune_runs_end_to_end(tiny_models, train_data, method, tmp_path):
+    model, processor = tiny_models.load("llava")
+    config = quick_config(method=method, lora_r=4, robust=RobustConfig(augmentation="mask"))
+    trained, result = finetune(model, processor, train_data, config, tmp_path / "robust")
+    assert len(result.losses) == 8 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert set(result.terms) == {"cross_view_distance", "invariance", "ce_weight", "entropy"}
+    assert all(len(v) == 8 for v in result.terms.values())
+    assert all(0.0 <= v <= 1.0 for v in result.terms["cross_view_distance"])
+    assert not trained._forward_hooks  # the regulariser's hook is gone
+    summary = json.loads((tmp_path / "robust" / "tcapguard_finetune.json").read_text())
+    assert summary["config"]["robust"]["augmentation"] == "mask"
+    assert FinetuneConfig.from_dict(summary["config"]) == config
+    assert summary["terms"]["entropy"] == result.terms["entropy"]
+
+
+def test_robust_finetune_differs_from_plain_and_is_deterministic(tiny_models, train_data):
+    runs = []
+    for robust in (None, RobustConfig(), RobustConfig()):
+        model, processor = tiny_models.load("gemma3")
+        _, result = finetune(model, processor, train_data, quick_config(epochs=0.5, robust=robust))
+        runs.append(result.losses)
+    assert runs[1] == runs[2] and runs[0] != runs[1]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"augmentation": "blur"}, "augmentation must be one of"),
+        ({"patch_ratio": 0.0}, "patch_ratio must be in"),
+        ({"patch_size": 0}, "patch_size must be positive"),
+        ({"margin": 1.5}, "margin must be in"),
+        ({"gate": 2.0}, "gate must be in"),
+        ({"entropy_weight": -1.0}, "entropy_weight must be >= 0"),
+    ],
+)
+def test_robust_config_rejects_bad_settings(settings, message):
+    with pytest.raises(ValueError, match=message):
+        RobustConfig(**settings)
+
+
+def test_robust_config_round_trips_through_finetune_config():
+    config = FinetuneConfig(robust=RobustConfig(patch_size=8, margin=0.3))
+    assert FinetuneConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert FinetuneConfig(**config.to_dict()) == config
+    with pytest.raises(ValueError, match=r"unknown RobustConfig field\(s\) \['weight'\]"):
+        FinetuneConfig.from_dict({"robust": {"weight": 1}})
+    with pytest.raises(ValueError, match="must be a RobustConfig"):
+        FinetuneConfig(robust=0.5)

@@ -118,6 +118,64 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from tcapguard.attacks import Attack, PoisonManifest
+    from tcapguard.data import load_dataset
+    from tcapguard.evaluation import Detection, EvaluationConfig, evaluate, load_regions
+    from tcapguard.models import load_model
+
+    settings = EvaluationConfig.load(args.config).to_dict() if args.config else {}
+    for name in ("target", "clean_metric", "batch_size", "max_new_tokens", "device"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    config = EvaluationConfig.from_dict(settings)
+    if args.reference_model and args.reference_score is not None:
+        raise ValueError("give --reference-model or --reference-score, not both")
+    if args.regions and not (args.detection and args.train):
+        raise ValueError("--regions needs --detection and --train (it is used for residual ASR)")
+    manifest = PoisonManifest.load(args.manifest) if args.manifest else None
+    attack = None
+    if args.attack:
+        attack = Attack.preset(args.attack, **({"target": config.target} if config.target else {}))
+    elif manifest is not None and manifest.attack and not args.triggered:
+        attack = Attack.from_dict(manifest.attack)  # the poisoning trigger makes the ASR split
+    test = load_dataset(args.test)
+    triggered = load_dataset(args.triggered) if args.triggered else None
+    detection = Detection.load(args.detection) if args.detection else None
+    train = load_dataset(args.train) if args.train else None
+    regions = load_regions(args.regions) if args.regions else None
+    model, processor = load_model(args.model, device=config.device)
+    reference = load_model(args.reference_model, device=config.device)[0] if args.reference_model else None
+    report = evaluate(
+        model,
+        processor,
+        test,
+        config,
+        triggered=triggered,
+        attack=attack,
+        manifest=manifest,
+        detection=detection,
+        train=train,
+        regions=regions,
+        reference_model=reference,
+        reference_score=args.reference_score,
+    )
+    report.inputs = {
+        "model": str(args.model),
+        "test": str(args.test),
+        "triggered": args.triggered,
+        "manifest": args.manifest,
+        "detection": args.detection,
+        "train": args.train,
+        "regions": args.regions,
+        "reference_model": args.reference_model,
+    }
+    paths = report.write(args.out)
+    shown = {k: v for k, v in report.to_json()["metrics"].items() if v is not None}
+    print(" ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+    print(f"metrics -> {paths['metrics.json']}; per-sample responses -> {paths['samples.csv']}")
+
+
 def cmd_make_world(args: argparse.Namespace) -> None:
     from tcapguard.world import write_vqa_world
 
@@ -137,10 +195,53 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tcapguard.demo import run_demo
 
     result = run_demo(
-        family=args.family, attack=args.attack, rate=args.rate, seed=args.seed, work_dir=args.work_dir,
+        family=args.family,
+        attack=args.attack,
+        rate=args.rate,
+        seed=args.seed,
+        work_dir=args.work_dir,
         cache_dir=args.cache_dir,
     )
     return 0 if result.passed else 1
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    """Judge a registered model version; exit 0 pass (alias moved), 1 fail, 2 error."""
+    from tcapguard.gate import GateError, GatePolicy, PolicyError, find_version_by_run, run_gate
+    from tcapguard.storage import atomic_write
+    from tcapguard.tracking import TrackingError, redact_uri, resolve_tracking_uri
+
+    def write_summary(text: str) -> None:
+        if args.summary_md:
+            with atomic_write(args.summary_md, "w") as handle:
+                handle.write(text)
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    try:
+        policy = GatePolicy.from_file(args.policy)
+        version = args.version or find_version_by_run(args.model_name, args.run_id, tracking_uri=uri)
+        result = run_gate(args.model_name, version, policy, tracking_uri=uri)
+    except (GateError, PolicyError, TrackingError) as err:
+        write_summary(f"## Backdoor promotion gate: ERROR\n\n{args.model_name}: {err}\n")
+        raise
+    decision = result.decision
+    verdict = "PASSED" if decision.passed else "FAILED"
+    champion = f"version {result.champion_version}" if result.champion_version else "none yet"
+    head = (
+        f"{result.model_name} version {result.version} (run {result.run_id or 'none'}); "
+        f"{result.alias}: {champion}; MLflow {redact_uri(uri)}"
+    )
+    action = (
+        f"alias {result.alias!r} -> version {result.version}"
+        if result.promoted
+        else f"alias {result.alias!r} not moved; version tagged backdoor_gate=failed"
+    )
+    print(f"backdoor gate {verdict}: {head}\n\n{decision.table()}\n")
+    for reason in decision.reasons:
+        print(f"  - {reason}")
+    print(action)
+    write_summary(decision.markdown() + f"\n{head}.\n\n{action}.\n")
+    return 0 if decision.passed else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,6 +310,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("tcap", "bye"))
     p.add_argument("--model", help="the profiled model, to draw where the heads look in flagged images")
     p.set_defaults(func=cmd_filter)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="ASR, clean performance, detection and residual ASR -> metrics.json, samples.csv, summary.md",
+    )
+    p.add_argument(
+        "--model", required=True, help="model to evaluate: local directory, s3:// prefix or hub id"
+    )
+    p.add_argument("--test", required=True, help="clean test split (LLaVA-format dataset, path or s3:// URI)")
+    p.add_argument("--out", required=True, help="output directory or s3:// prefix")
+    p.add_argument(
+        "--triggered", help="triggered test split for ASR (default: made from --attack or the manifest)"
+    )
+    p.add_argument(
+        "--attack", help="attack preset whose trigger makes the ASR split: badnet | blend | sig | ..."
+    )
+    p.add_argument("--target", help="the attacker's response (default: the attack's or the manifest's)")
+    p.add_argument(
+        "--manifest", help="ground-truth poison manifest (detection metrics; its attack makes the ASR split)"
+    )
+    p.add_argument("--detection", help='filter output JSON: {"ids", "flagged", "scores"} or {"flagged_ids"}')
+    p.add_argument("--train", help="the uploaded training dataset (with --detection: residual ASR)")
+    p.add_argument("--regions", help="suspected trigger regions JSON {id: [x0, y0, x1, y1]} (residual ASR)")
+    p.add_argument("--reference-model", help="reference model for clean_drop (same processor)")
+    p.add_argument("--reference-score", type=float, help="reference clean_score for clean_drop")
+    p.add_argument("--config", help="EvaluationConfig JSON")
+    p.add_argument("--clean-metric", choices=("exact_match", "token_f1", "rouge_l"))
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--device", help="cpu | cuda")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("make-world", help="write the tiny VQA task (train.json, test.json, PNG images)")
     p.add_argument("out")

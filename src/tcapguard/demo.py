@@ -49,7 +49,12 @@ def demo_base(family: str) -> BaseSpec:
 
 
 def demo_config(
-    work_dir: Path, *, family: str = "llava", attack: str = "badnet", rate: float = 0.1, seed: int = 0,
+    work_dir: Path,
+    *,
+    family: str = "llava",
+    attack: str = "badnet",
+    rate: float = 0.1,
+    seed: int = 0,
     cache_dir: str | Path | None = None,
 ) -> PipelineConfig:
     """Build the base and the poisoned upload under ``work_dir``; the pipeline config for them."""
@@ -66,7 +71,8 @@ def demo_config(
     return PipelineConfig(
         model=ModelSettings(source=str(base)),
         data=DataSettings(
-            train=str(data_dir / "upload.json"), test=str(data_dir / "test.json"),
+            train=str(data_dir / "upload.json"),
+            test=str(data_dir / "test.json"),
             manifest=str(data_dir / "manifest.json"),
         ),
         work_dir=str(work_dir / "runs"),

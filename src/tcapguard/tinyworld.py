@@ -77,11 +77,13 @@ def _spec_dict(spec) -> dict:
     out = asdict(spec)
     if isinstance(spec, WorldSpec) and spec.attack is not None:
         out["attack"] = spec.attack.to_dict()
-    for cfg in ("pretrain", "finetune"):  # runtime knobs that do not change the result
-        if cfg in out:
-            out[cfg].pop("num_threads", None)
+    configs = [out[c] for c in ("pretrain", "finetune") if c in out]
     if "base" in out:
-        out["base"]["pretrain"].pop("num_threads", None)
+        configs.append(out["base"]["pretrain"])
+    for cfg in configs:
+        cfg.pop("num_threads", None)  # a runtime knob that does not change the result
+        if cfg.get("robust") is None:  # added later: plain fine-tuning keeps its cached key
+            cfg.pop("robust", None)
     return out
 
 

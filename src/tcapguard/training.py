@@ -3,6 +3,10 @@
 One trainer serves both ends of the TCAP protocol: fine-tuning on the suspicious upload (which
 implants any backdoor, so it can be profiled) and fine-tuning on the cleaned data. The loss covers
 the response tokens only. Full fine-tuning is meant for tiny models; LoRA (peft) for real ones.
+
+``FinetuneConfig(robust=RobustConfig())`` switches on robust fine-tuning: a patch cross-view
+regulariser (:class:`CrossViewRegularizer`) added through the same auxiliary-loss hook that the
+tiny world's pre-training uses; see the README section "Robust fine-tuning" for the loss.
 """
 
 from __future__ import annotations
@@ -34,6 +38,57 @@ DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_p
 PROJECTOR_MODULES = ("multi_modal_projector", "merger", "connector")
 
 
+AUGMENTATIONS = ("shuffle", "mask", "drop")
+
+
+@dataclass
+class RobustConfig(StepConfig):
+    """Patch cross-view regularisation (robust fine-tuning); defaults chosen on the tiny-world benchmark.
+
+    Every batch is run twice: on the original images and on a patch-augmented view (``augmentation``
+    on a ``patch_ratio`` share of the vision patch grid). Per sample, ``d`` is the total-variation
+    distance between the two views' next-token distributions, at the response token where they differ
+    most (0 = the views answer identically, 1 = disjoint). A backdoor's answer is abnormally invariant to
+    such non-semantic perturbations (the trigger survives them), a benign answer is not. With
+    ``s = max(0, margin - d) / margin`` (the sample's invariance, in [0, 1]) the loss is::
+
+        sum_i (1 - gate * s_i) * CE_i / n_tokens              (invariance-gated response CE)
+        + cross_view_weight * mean_i max(0, margin - d_i)     (bounded hinge: push invariant views apart)
+        + entropy_weight * mean_i max(0, H_i - entropy_max)   (keep original-view answers decisive)
+
+    ``s`` in the gate is detached. Both views carry gradient in the hinge. ``H_i`` is the mean entropy
+    (nats) of the original view's response-token distributions.
+    """
+
+    augmentation: str = (
+        "shuffle"  # "shuffle" (permute the chosen patches), "mask" (image mean), "drop" (zeros)
+    )
+    patch_ratio: float = 0.5  # share of the patch grid perturbed per image
+    patch_size: int | None = None  # pixels; None = the vision tower's patch size (config.vision_config)
+    margin: float = 0.5  # hinge margin on the TV distance; views further apart than this are left alone
+    cross_view_weight: float = 1.0
+    gate: float = 1.0  # 0 = plain CE; 1 = a fully invariant sample's CE is switched off
+    entropy_weight: float = 0.1
+    entropy_max: float = 0.5  # nats
+
+    def __post_init__(self) -> None:
+        if self.augmentation not in AUGMENTATIONS:
+            raise ValueError(
+                f"RobustConfig.augmentation must be one of {AUGMENTATIONS}, got {self.augmentation!r}"
+            )
+        if not 0 < self.patch_ratio <= 1:
+            raise ValueError(f"RobustConfig.patch_ratio must be in (0, 1], got {self.patch_ratio}")
+        if self.patch_size is not None and self.patch_size < 1:
+            raise ValueError(f"RobustConfig.patch_size must be positive or None, got {self.patch_size}")
+        if not 0 < self.margin <= 1:
+            raise ValueError(f"RobustConfig.margin must be in (0, 1] (a TV distance), got {self.margin}")
+        if not 0 <= self.gate <= 1:
+            raise ValueError(f"RobustConfig.gate must be in [0, 1], got {self.gate}")
+        for name in ("cross_view_weight", "entropy_weight", "entropy_max"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"RobustConfig.{name} must be >= 0, got {getattr(self, name)}")
+
+
 @dataclass
 class FinetuneConfig(StepConfig):
     """How to fine-tune. Defaults suit the tiny world; real models want ``method="lora"``."""
@@ -56,6 +111,7 @@ class FinetuneConfig(StepConfig):
     dtype: str = "float32"  # "float32" or "bfloat16"; float16 training needs a GPU and a scaler
     num_threads: int | None = None  # torch CPU threads; None keeps torch's default
     extra: dict = field(default_factory=dict)
+    robust: RobustConfig | None = None  # set: robust fine-tuning (patch cross-view regulariser)
 
     def __post_init__(self) -> None:
         choices = {
@@ -77,6 +133,10 @@ class FinetuneConfig(StepConfig):
             raise ValueError("FinetuneConfig: epochs, batch_size and learning_rate must be positive")
         if self.save == "adapter" and self.method != "lora":
             raise ValueError("FinetuneConfig.save='adapter' needs method='lora'")
+        if isinstance(self.robust, dict):  # from JSON or to_dict()
+            self.robust = RobustConfig.from_dict(self.robust)
+        if self.robust is not None and not isinstance(self.robust, RobustConfig):
+            raise ValueError(f"FinetuneConfig.robust must be a RobustConfig or None, got {self.robust!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(
                 f"FinetuneConfig.device={self.device!r} but this machine has no CUDA GPU; use device='cpu'"
@@ -203,12 +263,165 @@ def _in_vision_tower(name: str) -> bool:
     return "vision_tower" in name or ".visual." in name or name.startswith("visual.")
 
 
+def vision_patch_size(model) -> int:
+    """The vision tower's patch size in pixels, from the model config (LLaVA, Gemma3, Qwen2-VL ...)."""
+    vision = getattr(model.config, "vision_config", None)
+    size = getattr(vision, "patch_size", None)
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(
+            "cannot read the vision patch size from model.config.vision_config.patch_size; "
+            "set RobustConfig.patch_size explicitly"
+        )
+    return size
+
+
+def patch_augment(
+    pixel_values: torch.Tensor,
+    *,
+    patch_size: int,
+    ratio: float,
+    mode: str = "shuffle",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A patch-augmented copy of ``pixel_values`` ``[..., C, H, W]``; the patch grid is kept.
+
+    Per image, ``round(ratio * n_patches)`` grid cells are chosen; "shuffle" moves each chosen patch
+    to the next chosen cell (a cyclic shift, so every chosen patch moves), "mask" fills them with the
+    image's per-channel mean, "drop" with zeros (the processor's mean colour in normalised space).
+    Pixels outside the chosen cells are unchanged. Seeded by ``generator``.
+    """
+    if mode not in AUGMENTATIONS:
+        raise ValueError(f"mode must be one of {AUGMENTATIONS}, got {mode!r}")
+    if pixel_values.dim() < 4:
+        raise ValueError(
+            f"patch_augment needs images as [..., C, H, W], got shape {tuple(pixel_values.shape)} "
+            "(flattened-patch layouts such as Qwen2-VL's are not supported)"
+        )
+    *lead, c, h, w = pixel_values.shape
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"image size {h}x{w} is not a multiple of patch_size {patch_size}")
+    gh, gw = h // patch_size, w // patch_size
+    x = pixel_values.reshape(-1, c, gh, patch_size, gw, patch_size).permute(0, 2, 4, 1, 3, 5)
+    patches = x.reshape(x.shape[0], gh * gw, c, patch_size, patch_size).clone()
+    k = round(ratio * gh * gw)
+    if mode == "shuffle":
+        k = max(k, 2)
+    for n in range(patches.shape[0]):
+        idx = torch.randperm(gh * gw, generator=generator)[:k].to(patches.device)
+        if mode == "shuffle":
+            patches[n, idx] = patches[n, idx.roll(1)]
+        elif mode == "mask":
+            patches[n, idx] = pixel_values.reshape(-1, c, h, w)[n].mean(dim=(1, 2))[:, None, None]
+        else:
+            patches[n, idx] = 0
+    out = patches.reshape(-1, gh, gw, c, patch_size, patch_size).permute(0, 3, 1, 4, 2, 5)
+    return out.reshape(*lead, c, h, w)
+
+
+def response_distributions(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities at the positions that predict response tokens, and the mask of those positions.
+
+    ``logits[:, t]`` predicts ``labels[:, t + 1]``; returns ``(log_probs [B, T-1, V], mask [B, T-1])``.
+    """
+    mask = labels[:, 1:] != IGNORE_INDEX
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1), mask
+
+
+def _per_sample_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def cross_view_distance(log_p: torch.Tensor, log_q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per sample: the largest total-variation distance between the two views' distributions over the
+    response tokens; in [0, 1]. The maximum, not the mean: a teacher-forced answer's later tokens
+    follow from its first, so a mean would dilute a changed answer by its length. TV keeps a gradient
+    of order one near ``p = q``, where KL or JS flatten out, so a fully invariant sample is still pushed."""
+    tv = 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    return (tv * mask).amax(1)
+
+
+def response_entropy(log_p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per sample: mean entropy (nats) of the response-token distributions."""
+    return _per_sample_mean(-(log_p.exp() * log_p).sum(-1), mask)
+
+
+class CrossViewRegularizer(torch.nn.Module):
+    """The robust fine-tuning loss of :class:`RobustConfig`, as an auxiliary term of :func:`finetune`.
+
+    ``attach(model)`` hooks the model's forward to keep the original view's logits; ``forward(batch)``
+    runs the patch-augmented view and returns the gated-CE correction plus the hinge and entropy terms
+    (so that ``model(**batch).loss + forward(batch)`` is the loss of :class:`RobustConfig`). ``last``
+    holds the step's term values for logging.
+    """
+
+    def __init__(self, config: RobustConfig, seed: int = 0):
+        super().__init__()
+        self.config = config
+        self.generator = torch.Generator().manual_seed(seed)
+        self.patch_size = config.patch_size
+        self.last: dict[str, float] = {}
+        self._model = None
+        self._logits: torch.Tensor | None = None
+        self._hook = None
+
+    def attach(self, model) -> None:
+        self._model = model
+        if self.patch_size is None:
+            self.patch_size = vision_patch_size(model)
+        self._hook = model.register_forward_hook(lambda _m, _i, out: setattr(self, "_logits", out.logits))
+
+    def release(self) -> None:
+        """Remove the hook and drop the references to the model (called by :func:`finetune` at the end)."""
+        if self._hook is not None:
+            self._hook.remove()
+        self._hook, self._model, self._logits = None, None, None
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self._model is None or self._logits is None:
+            raise RuntimeError("CrossViewRegularizer needs attach(model) and a model forward first")
+        cfg = self.config
+        logits = self._logits
+        labels = batch["labels"]
+        log_p, mask = response_distributions(logits, labels)
+        ce_tokens = -log_p.gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0] * mask
+        entropy = response_entropy(log_p, mask)
+        if "pixel_values" in batch:
+            pixels = patch_augment(
+                batch["pixel_values"],
+                patch_size=self.patch_size,
+                ratio=cfg.patch_ratio,
+                mode=cfg.augmentation,
+                generator=self.generator,
+            )
+            log_q, _ = response_distributions(self._model(**{**batch, "pixel_values": pixels}).logits, labels)
+            distance = cross_view_distance(log_p, log_q, mask)
+        else:  # text-only batch: no image to perturb, so no cross-view evidence either way
+            distance = torch.full_like(entropy, cfg.margin)
+        hinge = (cfg.margin - distance).clamp(min=0)
+        invariance = (hinge / cfg.margin).detach()
+        weight = 1 - cfg.gate * invariance
+        gate_correction = ((weight - 1)[:, None] * ce_tokens).sum() / mask.sum().clamp(min=1)
+        loss = (
+            gate_correction
+            + cfg.cross_view_weight * hinge.mean()
+            + cfg.entropy_weight * (entropy - cfg.entropy_max).clamp(min=0).mean()
+        )
+        self.last = {
+            "cross_view_distance": distance.mean().item(),
+            "invariance": invariance.mean().item(),
+            "ce_weight": weight.mean().item(),
+            "entropy": entropy.mean().item(),
+        }
+        return loss
+
+
 @dataclass
 class FinetuneResult:
     output_dir: Path
     losses: list[float]
     seconds: float
     trainable_parameters: int
+    terms: dict[str, list[float]] = field(default_factory=dict)  # per-step values logged by auxiliaries
 
 
 def finetune(
@@ -218,15 +431,16 @@ def finetune(
     config: FinetuneConfig,
     output_dir: str | Path | None = None,
     *,
-    auxiliary: torch.nn.Module | None = None,
+    auxiliary: torch.nn.Module | Sequence[torch.nn.Module] | None = None,
 ) -> tuple[object, FinetuneResult]:
     """Fine-tune ``model`` on ``dataset``; save to ``output_dir`` (if given) with ``save_pretrained``.
 
-    ``auxiliary`` is an optional extra loss: a module with ``attach(model)`` (called once, e.g. to
-    hook activations) whose ``forward(batch)`` returns a scalar added to the language-model loss;
-    its own parameters are trained too and are not saved. Returns the trained model (LoRA merged
-    unless ``config.save == "adapter"``) and a result with the per-step losses. Deterministic for
-    a given seed, dataset and machine.
+    ``auxiliary`` is an optional extra loss (or several): a module with ``attach(model)`` (called
+    once, e.g. to hook activations) whose ``forward(batch)`` returns a scalar added to the
+    language-model loss; its own parameters are trained too and are not saved; a ``last`` dict on it
+    is logged per step into ``result.terms``. ``config.robust`` adds a :class:`CrossViewRegularizer`
+    this way. Returns the trained model (LoRA merged unless ``config.save == "adapter"``) and a result
+    with the per-step losses. Deterministic for a given seed, dataset and machine.
     """
     if len(dataset) == 0:
         raise ValueError("cannot fine-tune on an empty dataset")
@@ -239,9 +453,13 @@ def finetune(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
-    if auxiliary is not None:
-        auxiliary.to(device=config.device, dtype=dtype).attach(model)
-        params += list(auxiliary.parameters())
+    auxiliaries = [auxiliary] if isinstance(auxiliary, torch.nn.Module) else list(auxiliary or [])
+    if config.robust is not None:
+        auxiliaries.append(CrossViewRegularizer(config.robust, seed=config.seed))
+    for aux in auxiliaries:
+        aux.to(device=config.device, dtype=dtype).attach(model)
+        params += list(aux.parameters())
+    terms: dict[str, list[float]] = {}
     examples = encode_dataset(processor, dataset)
     pad_id = processor.tokenizer.pad_token_id
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
@@ -263,8 +481,10 @@ def finetune(
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(dtype)
         loss = model(**batch).loss
-        if auxiliary is not None:
-            loss = loss + auxiliary(batch)
+        for aux in auxiliaries:
+            loss = loss + aux(batch)
+            for name, value in getattr(aux, "last", {}).items():
+                terms.setdefault(name, []).append(value)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"fine-tuning diverged: loss is {loss.item()} at step {len(losses)}")
         loss.backward()
@@ -277,10 +497,13 @@ def finetune(
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
     bar.close()
     seconds = time.perf_counter() - start
+    for aux in auxiliaries:
+        if hasattr(aux, "release"):
+            aux.release()
     model.eval()
     if config.method == "lora" and config.save == "merged":
         model = model.merge_and_unload()
-    result = FinetuneResult(Path(output_dir) if output_dir else Path(), losses, seconds, n_trainable)
+    result = FinetuneResult(Path(output_dir) if output_dir else Path(), losses, seconds, n_trainable, terms)
     if output_dir is not None:
         save_checkpoint(model, processor, config, result)
     return model, result
@@ -308,6 +531,7 @@ def save_checkpoint(model, processor, config: FinetuneConfig, result: FinetuneRe
             "seconds": result.seconds,
             "trainable_parameters": result.trainable_parameters,
             "losses": result.losses,
+            "terms": result.terms,
         }
         (tmp / "tcapguard_finetune.json").write_text(json.dumps(summary, indent=1))
 

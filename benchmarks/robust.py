@@ -1,0 +1,176 @@
+"""Plain vs robust fine-tuning on the tiny world: clean accuracy and ASR, plus an ablation of the loss.
+
+    .venv/bin/python benchmarks/robust.py           # LLaVA, BadNet + text, 10%, seed 0, plain vs robust
+    .venv/bin/python benchmarks/robust.py --attacks badnet --variants plain robust no_gate no_hinge
+    .venv/bin/python benchmarks/robust.py --family llava gemma3 --attacks badnet blend sig wanet text \\
+        --rates 0.05 0.10 --seeds 0 1 2 --variants plain robust              # the issue's full grid
+    .venv/bin/python benchmarks/robust.py --attacks badnet --variants robust --set margin=0.3
+
+(a) "plain" is the poisoned world's own fine-tune (the cached world of ``tcapguard.tinyworld``);
+every other variant fine-tunes the same clean base on the same poisoned upload with the same recipe
+plus ``FinetuneConfig.robust``. Robust models are cached by content hash next to the worlds
+(``TCAPGUARD_CACHE``), so a second run only evaluates. Rows are appended to the JSON results file
+as they finish (``--out``, default ``benchmarks/results/robust.json``); a row with the same key replaces
+the old one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from tcapguard.attacks import Attack, make_triggered_testset
+from tcapguard.evaluation import attack_success_rate, exact_match, generate_responses
+from tcapguard.models import load_model
+from tcapguard.storage import publish_directory
+from tcapguard.tiny import TinyMLLMConfig
+from tcapguard.tinyworld import BaseSpec, WorldSpec, build_world, default_cache_dir
+from tcapguard.training import RobustConfig, finetune
+
+# Loss-term ablation: each variant is RobustConfig overrides (None = plain fine-tuning).
+VARIANTS: dict[str, dict | None] = {
+    "plain": None,
+    "robust": {},
+    "no_gate": {"gate": 0.0},  # hinge + entropy only: the regulariser without the invariance-gated CE
+    "no_hinge": {"cross_view_weight": 0.0},  # gated CE + entropy
+    "no_entropy": {"entropy_weight": 0.0},  # gated CE + hinge
+    "gate_only": {"cross_view_weight": 0.0, "entropy_weight": 0.0},
+    "mask": {"augmentation": "mask"},  # augmentation operator
+}
+
+
+def _value(text: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def robust_model(spec: WorldSpec, world, robust: RobustConfig, cache: Path) -> tuple[Path, float]:
+    """The base fine-tuned on the world's poisoned upload with ``robust`` (cached by content hash)."""
+    config = replace(spec.finetune, robust=robust, num_threads=None)
+    blob = json.dumps({"world": str(world.root.name), "finetune": asdict(config)}, sort_keys=True)
+    final = cache / f"robust-{world.root.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+    if not (final / "config.json").exists():
+        model, processor = load_model(world.base)
+
+        def build(tmp: Path) -> None:
+            finetune(model, processor, world.load_train(), config, tmp)
+
+        publish_directory(final, build)
+    log = json.loads((final / "tcapguard_finetune.json").read_text())
+    return final, log["seconds"]
+
+
+def evaluate(model_dir: Path, test, triggered, target: str) -> dict[str, float]:
+    model, processor = load_model(model_dir)
+    clean = exact_match(generate_responses(model, processor, test), [r.response for r in test])
+    asr = attack_success_rate(generate_responses(model, processor, triggered), target)
+    return {"clean_exact_match": clean, "asr": asr}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--family", nargs="+", default=["llava"], choices=("llava", "gemma3"))
+    parser.add_argument("--attacks", nargs="+", default=["badnet", "text"])
+    parser.add_argument("--rates", nargs="+", type=float, default=[0.10])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--variants", nargs="+", default=["plain", "robust"], choices=sorted(VARIANTS))
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="RobustConfig override applied to every robust variant (repeatable)",
+    )
+    parser.add_argument("--tag", default="", help="suffix for the variant names in the table (with --set)")
+    parser.add_argument("--out", default="benchmarks/results/robust.json")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    overrides = dict((k, _value(v)) for k, _, v in (s.partition("=") for s in args.set))
+    cache = default_cache_dir()
+    out = Path(args.out)
+    rows = json.loads(out.read_text())["rows"] if out.exists() else []
+    for family in args.family:
+        base = BaseSpec(model=TinyMLLMConfig(family=family))
+        for kind in args.attacks:
+            for rate in args.rates:
+                for seed in args.seeds:
+                    attack = Attack.preset(kind)
+                    spec = WorldSpec(base=base, attack=attack, rate=rate, seed=seed)
+                    world = build_world(spec, cache)
+                    test = world.load_test()
+                    triggered = make_triggered_testset(test, attack)
+                    for variant in args.variants:
+                        start = time.perf_counter()
+                        if VARIANTS[variant] is None:
+                            model_dir = world.model
+                            seconds = json.loads((model_dir / "tcapguard_finetune.json").read_text())[
+                                "seconds"
+                            ]
+                            robust = None
+                        else:
+                            robust = RobustConfig(**{**VARIANTS[variant], **overrides})
+                            model_dir, seconds = robust_model(spec, world, robust, cache)
+                        metrics = evaluate(model_dir, test, triggered, attack.target)
+                        name = variant + (args.tag if robust is not None else "")
+                        row = {
+                            "family": family,
+                            "attack": kind,
+                            "rate": rate,
+                            "seed": seed,
+                            "variant": name,
+                            "robust": asdict(robust) if robust else None,
+                            **metrics,
+                            "finetune_seconds": seconds,
+                            "wall_seconds": time.perf_counter() - start,
+                        }
+                        key = (family, kind, rate, seed, name)
+                        rows = [
+                            r
+                            for r in rows
+                            if (r["family"], r["attack"], r["rate"], r["seed"], r["variant"]) != key
+                        ]
+                        rows.append(row)
+                        out.parent.mkdir(parents=True, exist_ok=True)
+                        out.write_text(json.dumps({"rows": rows, "torch_threads": args.threads}, indent=1))
+                        print(
+                            f"{family} {kind} {rate:.2f} seed={seed} {name:14s} "
+                            f"clean={metrics['clean_exact_match']:.3f} asr={metrics['asr']:.3f} "
+                            f"finetune={seconds:.0f}s",
+                            flush=True,
+                        )
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    """Markdown table; ASR cut and clean drop are relative to the plain row of the same world."""
+    plain = {(r["family"], r["attack"], r["rate"], r["seed"]): r for r in rows if r["variant"] == "plain"}
+    print(
+        "\n| family | attack | rate | seed | variant | clean acc | ASR | ASR cut vs plain "
+        "| clean drop (pts) | fine-tune s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ref = plain.get((r["family"], r["attack"], r["rate"], r["seed"]))
+        cut = drop = "-"
+        if ref is not None and r["variant"] != "plain":
+            cut = f"{1 - r['asr'] / ref['asr']:.0%}" if ref["asr"] > 0 else "-"
+            drop = f"{100 * (ref['clean_exact_match'] - r['clean_exact_match']):+.1f}"
+        print(
+            f"| {r['family']} | {r['attack']} | {r['rate']:.2f} | {r['seed']} | {r['variant']} | "
+            f"{r['clean_exact_match']:.3f} | {r['asr']:.3f} | {cut} | {drop} | {r['finetune_seconds']:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
