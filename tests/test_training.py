@@ -357,11 +357,12 @@ def test_config_rejects_bad_settings(settings, message):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
-def test_config_rejects_cuda_without_gpu():
-    with pytest.raises(ValueError, match="no CUDA GPU"):
-        FinetuneConfig(device="cuda")
-    with pytest.raises(ValueError, match="no CUDA GPU"):
-        FinetuneConfig(device="cuda:0")
+def test_finetune_refuses_cuda_without_gpu(tiny_models, train_data, tmp_path):
+    model, processor = tiny_models.load("llava")
+    for device in ("cuda", "cuda:0"):
+        config = quick_config(device=device)  # a GPU job's config still loads on a CPU machine
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            finetune(model, processor, train_data, config, tmp_path / "out")
 
 
 def test_config_to_dict_round_trips():

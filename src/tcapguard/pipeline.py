@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -352,8 +352,6 @@ def _filter_plots(estimator, dataset: Dataset, flagged: list[str], out: str, mod
 
 def _portable(subset: Dataset, full: Dataset) -> Dataset:
     """``subset`` with every image reference made absolute, so the file can live anywhere."""
-    from dataclasses import replace
-
     records = [replace(r, image=full.image_uri(r)) if r.image else r for r in subset.records]
     return Dataset(records, root=None)
 
@@ -454,6 +452,9 @@ def run(config: PipelineConfig, *, progress: Callable[[str], None] = log.info) -
     """Run every step for ``config`` (reusing finished steps) inside one MLflow parent run."""
     from tcapguard import tracking as tr
 
+    upload = validated_upload(config.data, config.work_dir)
+    if upload != config.data.train:
+        config = replace(config, data=replace(config.data, train=upload))
     train_key = file_key(config.data.train)
     test_key = file_key(config.data.test)
     base_key = _key(config.model.source, config.model.revision)
@@ -576,6 +577,23 @@ def run(config: PipelineConfig, *, progress: Callable[[str], None] = log.info) -
             gate=verdict,
             seconds=seconds,
         )
+
+
+def validated_upload(data: DataSettings, work_dir: str) -> str:
+    """The upload to use, checked before anything runs: every bad record is reported by id.
+
+    Strict (the default): any bad record is an error. Lenient: the good records are written to
+    ``<work_dir>/upload-<key>/train.json`` (images referenced where they are) and used instead.
+    """
+    dataset = load_dataset(data.train, strict=data.strict)
+    load_dataset(data.test)
+    if not dataset.problems:
+        return data.train
+    for problem in dataset.problems:
+        log.warning("skipping a bad record of %s: %s", data.train, problem)
+    out = _join(work_dir, f"upload-{file_key(data.train)}", "train.json")
+    _save_dataset_json(_portable(dataset, dataset), out)
+    return out
 
 
 def _profile_identity(config: ProfileConfig) -> dict[str, Any]:

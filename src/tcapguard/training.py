@@ -137,10 +137,6 @@ class FinetuneConfig(StepConfig):
             self.robust = RobustConfig.from_dict(self.robust)
         if self.robust is not None and not isinstance(self.robust, RobustConfig):
             raise ValueError(f"FinetuneConfig.robust must be a RobustConfig or None, got {self.robust!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(
-                f"FinetuneConfig.device={self.device!r} but this machine has no CUDA GPU; use device='cpu'"
-            )
 
 
 def to_messages(record: Record, *, with_response: bool) -> list[dict]:
@@ -444,6 +440,11 @@ def finetune(
     """
     if len(dataset) == 0:
         raise ValueError("cannot fine-tune on an empty dataset")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        # checked here, not in the config: a GPU job's config must still load on a CPU machine
+        raise ValueError(
+            f"FinetuneConfig.device={config.device!r} but this machine has no CUDA GPU; use device='cpu'"
+        )
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     tune_cpu_allocator()

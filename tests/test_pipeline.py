@@ -1,0 +1,182 @@
+"""The pipeline: config validation, content-keyed step reuse, resume after a kill, bad uploads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tcapguard import pipeline
+from tcapguard.attacks import Attack
+from tcapguard.data import DatasetError
+from tcapguard.pipeline import PipelineConfig, PipelineConfigError
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "pipeline.yaml"
+
+
+def write_config(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+MINIMAL = {"model": {"source": "some/model"}, "data": {"train": "t.json", "test": "e.json"}}
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def test_the_example_config_is_valid():
+    config = PipelineConfig.from_yaml(EXAMPLE)
+    assert config.model.source == "llava-hf/llava-1.5-7b-hf"
+    assert [a.kind for a in config.attacks] == ["badnet", "blend", "text"]
+    assert config.probe.method == "lora" and config.gate.alias == "champion"
+
+
+def test_round_trip_through_to_dict(tmp_path):
+    config = PipelineConfig.from_yaml(EXAMPLE)
+    again = PipelineConfig.from_yaml(write_config(tmp_path, config.to_dict()))
+    assert again.to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"model": None}, r"missing required section\(s\) \['model'\]"),
+        ({"modle": {}}, r"unknown section\(s\) \['modle'\]"),
+        ({"probe": {"epochs": -1}}, r"probe: .*epochs"),
+        ({"probe": {"epocs": 1}}, r"probe: unknown FinetuneConfig field\(s\) \['epocs'\]"),
+        ({"gate": {"max_asr": "low"}}, r"gate: "),
+        ({"filter": {"method": "magic"}}, r"filter: .*method"),
+        ({"attacks": [{"kind": "laser"}]}, r"attacks: "),
+        ({"model": {"source": ""}}, r"model: source is required"),
+        ({"profile": []}, r"profile: expected a mapping"),
+    ],
+)
+def test_bad_fields_are_named(tmp_path, patch, message):
+    data = {**MINIMAL, **patch}
+    data = {k: v for k, v in data.items() if v is not None}
+    with pytest.raises(PipelineConfigError, match=message) as info:
+        PipelineConfig.from_yaml(write_config(tmp_path, data))
+    assert str(tmp_path / "pipeline.yaml") in str(info.value)
+
+
+def test_not_yaml_is_named(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("model: [unclosed\n")
+    with pytest.raises(PipelineConfigError, match="not valid YAML"):
+        PipelineConfig.from_yaml(path)
+
+
+def test_attacks_accept_names_and_mappings():
+    config = PipelineConfig.from_dict({**MINIMAL, "attacks": ["badnet", {"kind": "text", "target": "pwned"}]})
+    assert config.attacks[0] == Attack.preset("badnet")
+    assert config.attacks[1].kind == "text" and config.attacks[1].target == "pwned"
+
+
+# ------------------------------------------------------------------------------------------ step cache
+
+
+def test_a_finished_step_is_reused_and_an_unfinished_one_recomputed(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"value": len(calls)}
+
+    step_dir = str(tmp_path / "step-abc")
+    assert pipeline._cached(step_dir, compute) == {"value": 1}
+    assert pipeline._cached(step_dir, compute) == {"value": 1}
+    assert len(calls) == 1
+    (tmp_path / "step-abc" / pipeline.MARKER).unlink()  # as if killed before the marker was written
+    assert pipeline._cached(step_dir, compute) == {"value": 2}
+
+
+# --------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture
+def small_run(tmp_path, tiny_models, monkeypatch):
+    """A pipeline config on the small untrained tiny LLaVA and a 24-record upload, local MLflow."""
+    from tcapguard import world
+    from tcapguard.attacks import poison_dataset
+    from tcapguard.data import load_dataset, save_dataset
+
+    data = world.write_vqa_world(tmp_path / "data", n_train=24, n_test=6, seed=0)
+    poisoned, manifest = poison_dataset(
+        load_dataset(data / "train.json"), Attack.preset("badnet"), rate=0.25, seed=0
+    )
+    save_dataset(poisoned, data / "upload.json")
+    manifest.save(data / "manifest.json")
+    quick = {"method": "full", "epochs": 1, "batch_size": 8, "learning_rate": 1e-3}
+    settings = {
+        "model": {"source": str(tiny_models.path("llava"))},
+        "data": {
+            "train": str(data / "upload.json"),
+            "test": str(data / "test.json"),
+            "manifest": str(data / "manifest.json"),
+        },
+        "work_dir": str(tmp_path / "runs"),
+        "probe": quick,
+        "finetune": quick,
+        "profile": {"batch_size": 8, "shard_size": 8},
+        "attacks": ["badnet"],
+        "evaluate_probe": False,
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "registered_model": "small"},
+    }
+    return write_config(tmp_path, settings)
+
+
+def test_a_run_killed_after_profiling_resumes_without_recomputing_it(small_run, monkeypatch):
+    config = PipelineConfig.from_yaml(small_run)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed during the filter step")
+
+    monkeypatch.setattr(pipeline, "filter_samples", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(config)
+    profile_dirs = list(Path(config.work_dir).glob("profile-*"))
+    assert len(profile_dirs) == 1 and (profile_dirs[0] / pipeline.MARKER).exists()
+    shards = {p.name: p.stat().st_mtime_ns for p in profile_dirs[0].glob("shard-*.npz")}
+    assert len(shards) == 3
+    monkeypatch.undo()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished step was recomputed")
+
+    monkeypatch.setattr(pipeline, "profile_attention", must_not_run)
+    monkeypatch.setattr(pipeline, "finetune_model", _only_for(pipeline.finetune_model, "finetune-"))
+    result = pipeline.run(config)
+    assert {p.name: p.stat().st_mtime_ns for p in profile_dirs[0].glob("shard-*.npz")} == shards
+    assert result.samples == 24 and 0 <= result.flagged <= 24
+    assert result.gate.version == "1"
+    assert set(result.metrics_after) >= {"asr", "clean_exact_match", "flagged_fraction"}
+
+
+def _only_for(function, prefix: str):
+    """``function`` when its output directory starts with ``prefix``; an error otherwise."""
+
+    def guarded(base_model, train, out, config):
+        if not Path(out).name.startswith(prefix):
+            raise AssertionError(f"{out} was finished and must not be recomputed")
+        return function(base_model, train, out, config)
+
+    return guarded
+
+
+def test_a_corrupt_image_is_reported_by_id(small_run, capsys):
+    from tcapguard.cli import main
+
+    config = PipelineConfig.from_yaml(small_run)
+    records = json.loads(Path(config.data.train).read_text())
+    broken = Path(config.data.train).parent / records[3]["image"]
+    broken.write_bytes(b"not a png")
+    code = main(["run", str(small_run)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert records[3]["id"] in err and "image" in err
+    with pytest.raises(DatasetError):
+        pipeline.run(config)
