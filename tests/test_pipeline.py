@@ -152,7 +152,7 @@ def test_a_run_killed_after_profiling_resumes_without_recomputing_it(small_run, 
     result = pipeline.run(config)
     assert {p.name: p.stat().st_mtime_ns for p in profile_dirs[0].glob("shard-*.npz")} == shards
     assert result.samples == 24 and 0 <= result.flagged <= 24
-    assert result.gate.version == "1"
+    assert result.gate["version"] == "1" and result.gate["run_id"]
     assert set(result.metrics_after) >= {"asr", "clean_exact_match", "flagged_fraction"}
 
 
@@ -180,3 +180,9 @@ def test_a_corrupt_image_is_reported_by_id(small_run, capsys):
     assert records[3]["id"] in err and "image" in err
     with pytest.raises(DatasetError):
         pipeline.run(config)
+
+
+def test_the_cli_lists_the_pipelines_steps():
+    from tcapguard.cli import STEP_NAMES
+
+    assert tuple(pipeline.STEP_FUNCTIONS) == STEP_NAMES

@@ -18,6 +18,18 @@ from tcapguard.gate import GatePolicy
 
 log = logging.getLogger("tcapguard")
 
+# The pipeline's steps (tcapguard.pipeline.STEP_FUNCTIONS), listed here so --help does not import torch.
+STEP_NAMES = (
+    "probe-finetune",
+    "profile",
+    "merge-profile",
+    "filter",
+    "finetune",
+    "evaluate-probe",
+    "evaluate",
+    "gate",
+)
+
 
 def _param(text: str) -> tuple[str, object]:
     """``key=value`` with the value parsed as JSON where it parses (numbers, lists), else a string."""
@@ -85,6 +97,25 @@ def cmd_profile(args: argparse.Namespace) -> None:
         str(args.model), str(args.data), str(args.out), config, worker=args.worker, workers=args.workers
     )
     print(f"profiled worker {args.worker} of {args.workers}'s shards of {args.data} -> {out}")
+
+
+def cmd_step(args: argparse.Namespace) -> int:
+    from tcapguard.pipeline import STEP_FUNCTIONS, PipelineConfig, step_profile
+
+    config = PipelineConfig.from_yaml(args.config)
+    if args.work_dir:
+        config.work_dir = args.work_dir
+    if args.step == "profile":
+        outputs = step_profile(config, worker=args.worker, workers=args.workers)
+    else:
+        outputs = STEP_FUNCTIONS[args.step](config)
+    text = json.dumps(outputs, indent=1, default=str)
+    if args.outputs_json:
+        from tcapguard.storage import write_bytes
+
+        write_bytes(args.outputs_json, text.encode())
+    print(text)
+    return 1 if args.step == "gate" and not outputs["passed"] else 0
 
 
 def cmd_filter(args: argparse.Namespace) -> None:
@@ -284,6 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="pipeline config (YAML; see examples/pipeline.yaml)")
     p.add_argument("--work-dir", help="override work_dir (where every step's outputs go)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("step", help="run one step of the job for a config (what Airflow/Kubeflow tasks run)")
+    p.add_argument("step", choices=list(STEP_NAMES), help="the step; finished steps are reused")
+    p.add_argument("config", help="pipeline config (YAML), the same file `tcapguard run` takes")
+    p.add_argument("--work-dir", help="override work_dir")
+    p.add_argument("--worker", type=int, default=0, help="profile only: this worker's index")
+    p.add_argument("--workers", type=int, default=1, help="profile only: number of parallel workers")
+    p.add_argument("--outputs-json", help="also write the step's outputs (JSON) here")
+    p.set_defaults(func=cmd_step)
 
     p = sub.add_parser("profile", help="tri-component attention profile of every record (sharded, resumable)")
     p.add_argument("--model", required=True, help="the model fine-tuned on the upload (dir, s3:// or hub id)")

@@ -408,23 +408,241 @@ def evaluate_model(
     return dict(report.metrics)
 
 
-def gate_model(
-    model: str,
-    metrics: dict[str, float | None],
-    policy: GatePolicy,
-    tracking: TrackingSettings,
-    *,
-    tags: dict[str, str] | None = None,
-):
-    """Log ``metrics`` and the model directory on the active MLflow run, register a new version of
-    ``tracking.registered_model`` and let the gate decide; returns :class:`tcapguard.gate.GateResult`."""
+# ------------------------------------------------------------------------------------- the job's steps
+# Every step below takes the whole config: the plan (each step's output directory, keyed by content)
+# follows from it, so a step finds its inputs where the upstream step left them. That is what lets
+# the CLI, an Airflow task and a Kubeflow component each run one step with nothing but the config.
+
+
+def plan(config: PipelineConfig) -> dict[str, str]:
+    """Each step's output directory under ``work_dir``, keyed by its settings and its inputs' keys."""
+    train_key = file_key(config.data.train)
+    test_key = file_key(config.data.test)
+    base_key = _key(config.model.source, config.model.revision)
+    keys = {"upload": _key("upload", train_key, config.data.strict)}
+    keys["probe-finetune"] = _key("probe", config.probe.to_dict(), base_key, keys["upload"])
+    keys["profile"] = _key("profile", _profile_identity(config.profile), keys["probe-finetune"])
+    keys["filter"] = _key("filter", config.filter.to_dict(), config.filter_enabled, keys["profile"])
+    keys["finetune"] = _key("finetune", config.finetune.to_dict(), base_key, keys["filter"])
+    evaluation = (
+        config.evaluation.to_dict(),
+        [a.to_dict() for a in config.attacks],
+        test_key,
+        config.data.triggered_test,
+        config.data.manifest,
+    )
+    keys["evaluate-probe"] = _key("evaluate", evaluation, keys["probe-finetune"], keys["filter"])
+    keys["evaluate"] = _key(
+        "evaluate", evaluation, keys["finetune"], keys["evaluate-probe"], config.evaluate_probe
+    )
+    keys["gate"] = _key("gate", config.gate.to_dict(), config.tracking.to_dict(), keys["evaluate"])
+    return {step: _join(config.work_dir, f"{step}-{key}") for step, key in keys.items()}
+
+
+def _timed(step_dir: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def with_seconds() -> dict[str, Any]:
+        start = time.perf_counter()
+        outputs = compute()
+        return {**outputs, "seconds": time.perf_counter() - start}
+
+    return _cached(step_dir, with_seconds)
+
+
+def step_probe_finetune(config: PipelineConfig) -> dict[str, Any]:
+    """Fine-tune the base model on the upload (checked first, every bad record reported by id)."""
+    dirs = plan(config)
+
+    def compute() -> dict[str, Any]:
+        upload = validated_upload(config.data, dirs["upload"])
+        return {
+            "upload": upload,
+            "model": finetune_model(config.model.source, upload, dirs["probe-finetune"], config.probe),
+        }
+
+    return _timed(dirs["probe-finetune"], compute)
+
+
+def step_profile(config: PipelineConfig, *, worker: int = 0, workers: int = 1) -> dict[str, Any]:
+    """Profile this worker's shards of the upload with the probe model (resumable shard by shard)."""
+    dirs = plan(config)
+    probe = _outputs(dirs["probe-finetune"])
+    if is_finished(dirs["profile"]):
+        return _outputs(dirs["profile"])
+    start = time.perf_counter()
+    profile_attention(
+        probe["model"], probe["upload"], dirs["profile"], config.profile, worker=worker, workers=workers
+    )
+    return {"profile": dirs["profile"], "seconds": time.perf_counter() - start}
+
+
+def step_merge_profile(config: PipelineConfig) -> dict[str, Any]:
+    """Check that every shard is there (parallel workers) and mark the profile finished."""
+    from tcapguard.profiling import load_profile
+
+    dirs = plan(config)
+
+    def compute() -> dict[str, Any]:
+        profile = load_profile(dirs["profile"])  # raises, naming the missing shards
+        return {"profile": dirs["profile"], "n_samples": len(profile)}
+
+    return _cached(dirs["profile"], compute)
+
+
+def step_filter(config: PipelineConfig) -> dict[str, Any]:
+    """Flag and drop suspected poison; with the filter off, the whole upload goes on."""
+    dirs = plan(config)
+    probe = _outputs(dirs["probe-finetune"])
+
+    def compute() -> dict[str, Any]:
+        if not config.filter_enabled:
+            n = len(load_dataset(probe["upload"]))
+            return {
+                "clean_train": probe["upload"],
+                "detection": None,
+                "n_flagged": 0,
+                "n_samples": n,
+                "metrics": {"flagged_fraction": 0.0},
+                "artifacts": [],
+            }
+        result = filter_samples(
+            _outputs(dirs["profile"])["profile"],
+            probe["upload"],
+            dirs["filter"],
+            config.filter,
+            model=probe["model"],
+        )
+        return {
+            "clean_train": result.clean_train,
+            "detection": result.detection,
+            "report": result.report,
+            "flagged_table": result.flagged_table,
+            "plots": result.plots,
+            "n_flagged": result.n_flagged,
+            "n_samples": result.n_samples,
+            "metrics": {"flagged_fraction": result.flagged_fraction, "n_flagged": result.n_flagged},
+            "artifacts": [dirs["filter"]],
+        }
+
+    return _timed(dirs["filter"], compute)
+
+
+def step_finetune(config: PipelineConfig) -> dict[str, Any]:
+    """Fine-tune the base model again, on the cleaned upload."""
+    dirs = plan(config)
+    clean = _outputs(dirs["filter"])["clean_train"]
+    return _timed(
+        dirs["finetune"],
+        lambda: {"model": finetune_model(config.model.source, clean, dirs["finetune"], config.finetune)},
+    )
+
+
+def step_evaluate(config: PipelineConfig, *, model: str = "final") -> dict[str, Any]:
+    """Evaluate the final model (``model="final"``) or the probe model (``"probe"``: the "before")."""
+    if model not in ("final", "probe"):
+        raise ValueError(f"model must be 'final' or 'probe', got {model!r}")
+    dirs = plan(config)
+    name = "evaluate" if model == "final" else "evaluate-probe"
+    filtered = _outputs(dirs["filter"])
+    reference = None
+    if model == "final" and config.evaluate_probe:
+        reference = _outputs(dirs["evaluate-probe"])["metrics"].get("clean_score")
+    source = _outputs(dirs["finetune" if model == "final" else "probe-finetune"])["model"]
+
+    def compute() -> dict[str, Any]:
+        metrics = evaluate_model(
+            source,
+            config.data.test,
+            dirs[name],
+            config.evaluation,
+            attacks=config.attacks,
+            triggered_test=config.data.triggered_test,
+            detection=filtered["detection"],
+            train=_outputs(dirs["probe-finetune"])["upload"] if filtered["detection"] else None,
+            manifest=config.data.manifest,
+            reference_score=reference,
+        )
+        metrics["flagged_fraction"] = filtered["metrics"]["flagged_fraction"]
+        return {"metrics": metrics, "artifacts": [dirs[name]]}
+
+    return _timed(dirs[name], compute)
+
+
+def step_gate(config: PipelineConfig) -> dict[str, Any]:
+    """Record the run in MLflow (parent run, a nested run per step), register the final model as a
+    new version, and let the gate decide whether it takes the alias."""
     from tcapguard import tracking as tr
     from tcapguard.gate import run_gate
 
-    finite = {k: v for k, v in metrics.items() if v is not None}
-    tr.log_metrics(finite)
-    version = tr.log_and_register_model(model, tracking.registered_model, tags=tags)
-    return run_gate(tracking.registered_model, version.version, policy, tracking_uri=tracking.tracking_uri)
+    dirs = plan(config)
+
+    def compute() -> dict[str, Any]:
+        upload = _outputs(dirs["probe-finetune"])["upload"]
+        after = _outputs(dirs["evaluate"])["metrics"]
+        tags = {"tcapguard.dataset_sha256": file_key(upload), "tcapguard.version": __version__}
+        suite = ",".join(a.kind for a in config.attacks) or (
+            "user-triggered" if config.data.triggered_test else "none"
+        )
+        with tr.pipeline_run(
+            config.tracking.experiment, tracking_uri=config.tracking.tracking_uri, tags=tags
+        ) as parent:
+            tr.log_config(config.to_dict())
+            for step in ("probe-finetune", "profile", "filter", "finetune", "evaluate-probe", "evaluate"):
+                if is_finished(dirs[step]):
+                    _record_step(step, dirs[step])
+            finite = {k: v for k, v in after.items() if v is not None}
+            tr.log_metrics(finite)
+            final = _outputs(dirs["finetune"])["model"]
+            version_tags = tr.model_version_tags(
+                dataset_hash=file_key(upload), attack_suite=suite, metrics=finite
+            )
+            version = tr.log_and_register_model(final, config.tracking.registered_model, tags=version_tags)
+            run_id = parent.info.run_id
+        result = run_gate(
+            config.tracking.registered_model,
+            version.version,
+            config.gate,
+            tracking_uri=config.tracking.tracking_uri,
+        )
+        return {
+            "run_id": run_id,
+            "model_name": result.model_name,
+            "version": result.version,
+            "alias": result.alias,
+            "promoted": result.promoted,
+            "passed": result.decision.passed,
+            "reasons": list(result.decision.reasons),
+            "decision": result.decision.to_dict(),
+        }
+
+    return _timed(dirs["gate"], compute)
+
+
+def _record_step(step: str, step_dir: str) -> None:
+    from tcapguard import tracking as tr
+
+    outputs = _outputs(step_dir)
+    with tr.step_run(step, tags={"tcapguard.output": step_dir}) as nested:
+        metrics = {k: v for k, v in outputs.get("metrics", {}).items() if v is not None}
+        if "seconds" in outputs:
+            metrics["seconds"] = outputs["seconds"]
+        if metrics:
+            tr.log_metrics(metrics, run_id=nested.info.run_id)
+        for artifact in outputs.get("artifacts", []):
+            if not is_s3(artifact):
+                tr.log_artifacts(artifact, run_id=nested.info.run_id)
+
+
+STEP_FUNCTIONS: dict[str, Callable[..., dict[str, Any]]] = {
+    "probe-finetune": step_probe_finetune,
+    "profile": step_profile,
+    "merge-profile": step_merge_profile,
+    "filter": step_filter,
+    "finetune": step_finetune,
+    "evaluate-probe": lambda config: step_evaluate(config, model="probe"),
+    "evaluate": step_evaluate,
+    "gate": step_gate,
+}
+"""The job's steps in order; adapters (Airflow, Kubeflow) run these, one task each."""
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -434,156 +652,48 @@ def gate_model(
 class RunResult:
     """Where everything of one run went, the figures a reader wants, and the gate's verdict."""
 
-    run_id: str
     steps: dict[str, str]  # step -> its output directory
     flagged: int
     samples: int
     metrics_before: dict[str, float | None]
     metrics_after: dict[str, float | None]
-    gate: Any  # tcapguard.gate.GateResult
+    gate: dict[str, Any]  # run_id, model_name, version, alias, promoted, passed, reasons
     seconds: dict[str, float]
 
     @property
     def passed(self) -> bool:
-        return bool(self.gate.decision.passed)
+        return bool(self.gate["passed"])
 
 
 def run(config: PipelineConfig, *, progress: Callable[[str], None] = log.info) -> RunResult:
-    """Run every step for ``config`` (reusing finished steps) inside one MLflow parent run."""
-    from tcapguard import tracking as tr
-
-    upload = validated_upload(config.data, config.work_dir)
-    if upload != config.data.train:
-        config = replace(config, data=replace(config.data, train=upload))
-    train_key = file_key(config.data.train)
-    test_key = file_key(config.data.test)
-    base_key = _key(config.model.source, config.model.revision)
-    keys: dict[str, str] = {}
-    keys["probe-finetune"] = _key("probe", config.probe.to_dict(), base_key, train_key)
-    keys["profile"] = _key("profile", _profile_identity(config.profile), keys["probe-finetune"])
-    keys["filter"] = _key("filter", config.filter.to_dict(), config.filter_enabled, keys["profile"])
-    keys["finetune"] = _key("finetune", config.finetune.to_dict(), base_key, keys["filter"])
-    eval_settings = (
-        config.evaluation.to_dict(),
-        [a.to_dict() for a in config.attacks],
-        test_key,
-        config.data.triggered_test,
-        config.data.manifest,
+    """Every step for ``config`` in order, reusing finished ones; the last records and gates."""
+    dirs = plan(config)
+    outputs: dict[str, dict[str, Any]] = {}
+    for name, function in STEP_FUNCTIONS.items():
+        if name == "evaluate-probe" and not config.evaluate_probe:
+            continue
+        if name in ("profile", "merge-profile") and not config.filter_enabled:
+            continue
+        step_dir = dirs["profile" if name == "merge-profile" else name]
+        progress(f"[{name}] {'reusing ' if is_finished(step_dir) else ''}{step_dir}")
+        outputs[name] = function(config)
+    filtered = outputs["filter"]
+    return RunResult(
+        steps=dirs,
+        flagged=filtered["n_flagged"],
+        samples=filtered["n_samples"],
+        metrics_before=outputs.get("evaluate-probe", {}).get("metrics", {}),
+        metrics_after=outputs["evaluate"]["metrics"],
+        gate=outputs["gate"],
+        seconds={k: v["seconds"] for k, v in outputs.items() if "seconds" in v},
     )
-    keys["evaluate-probe"] = _key("evaluate", eval_settings, keys["probe-finetune"])
-    keys["evaluate"] = _key("evaluate", eval_settings, keys["finetune"], keys["evaluate-probe"])
-    dirs = {step: _join(config.work_dir, f"{step}-{key}") for step, key in keys.items()}
-    seconds: dict[str, float] = {}
-    run_tags = {"tcapguard.dataset_sha256": train_key, "tcapguard.version": __version__}
-
-    def step(name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        progress(f"[{name}] {dirs[name]}")
-        start = time.perf_counter()
-        with tr.step_run(name, tags={"tcapguard.output": dirs[name]}) as nested:
-            outputs = _cached(dirs[name], compute)
-            metrics = {k: v for k, v in outputs.get("metrics", {}).items() if v is not None}
-            if metrics:
-                tr.log_metrics(metrics, run_id=nested.info.run_id)
-            for artifact in outputs.get("artifacts", []):
-                if not is_s3(artifact):
-                    tr.log_artifacts(artifact, run_id=nested.info.run_id)
-        seconds[name] = time.perf_counter() - start
-        return outputs
-
-    with tr.pipeline_run(
-        config.tracking.experiment, tracking_uri=config.tracking.tracking_uri, tags=run_tags
-    ) as parent:
-        tr.log_config(config.to_dict())
-        probe = step(
-            "probe-finetune",
-            lambda: {
-                "model": finetune_model(
-                    config.model.source, config.data.train, dirs["probe-finetune"], config.probe
-                )
-            },
-        )["model"]
-        if config.filter_enabled:
-            profile = step(
-                "profile",
-                lambda: {
-                    "profile": profile_attention(probe, config.data.train, dirs["profile"], config.profile)
-                },
-            )["profile"]
-            filtered = step(
-                "filter",
-                lambda: _filter_outputs(
-                    filter_samples(profile, config.data.train, dirs["filter"], config.filter, model=probe)
-                ),
-            )
-        else:
-            filtered = {
-                "clean_train": config.data.train,
-                "detection": None,
-                "metrics": {"flagged_fraction": 0.0},
-                "n_flagged": 0,
-            }
-        final = step(
-            "finetune",
-            lambda: {
-                "model": finetune_model(
-                    config.model.source, filtered["clean_train"], dirs["finetune"], config.finetune
-                )
-            },
-        )["model"]
-
-        def evaluate_step(model: str, out: str, reference: float | None) -> dict[str, Any]:
-            metrics = evaluate_model(
-                model,
-                config.data.test,
-                out,
-                config.evaluation,
-                attacks=config.attacks,
-                triggered_test=config.data.triggered_test,
-                detection=filtered["detection"],
-                train=config.data.train if filtered["detection"] else None,
-                manifest=config.data.manifest,
-                reference_score=reference,
-            )
-            return {"metrics": metrics, "artifacts": [out] if not is_s3(out) else []}
-
-        before: dict[str, float | None] = {}
-        if config.evaluate_probe:
-            before = step("evaluate-probe", lambda: evaluate_step(probe, dirs["evaluate-probe"], None))[
-                "metrics"
-            ]
-        after = step("evaluate", lambda: evaluate_step(final, dirs["evaluate"], before.get("clean_score")))[
-            "metrics"
-        ]
-        after = {**after, "flagged_fraction": filtered["metrics"]["flagged_fraction"]}
-        progress("[gate] registering the candidate and judging it")
-        start = time.perf_counter()
-        suite = ",".join(a.kind for a in config.attacks) or (
-            "user-triggered" if config.data.triggered_test else "none"
-        )
-        tags = tr.model_version_tags(
-            dataset_hash=train_key,
-            attack_suite=suite,
-            metrics={k: v for k, v in after.items() if v is not None},
-        )
-        verdict = gate_model(final, after, config.gate, config.tracking, tags=tags)
-        seconds["gate"] = time.perf_counter() - start
-        return RunResult(
-            run_id=parent.info.run_id,
-            steps=dirs,
-            flagged=filtered["n_flagged"],
-            samples=len(load_dataset(config.data.train)),
-            metrics_before=before,
-            metrics_after=after,
-            gate=verdict,
-            seconds=seconds,
-        )
 
 
-def validated_upload(data: DataSettings, work_dir: str) -> str:
+def validated_upload(data: DataSettings, out_dir: str) -> str:
     """The upload to use, checked before anything runs: every bad record is reported by id.
 
     Strict (the default): any bad record is an error. Lenient: the good records are written to
-    ``<work_dir>/upload-<key>/train.json`` (images referenced where they are) and used instead.
+    ``<out_dir>/train.json`` (images referenced where they are) and used instead.
     """
     dataset = load_dataset(data.train, strict=data.strict)
     load_dataset(data.test)
@@ -591,7 +701,7 @@ def validated_upload(data: DataSettings, work_dir: str) -> str:
         return data.train
     for problem in dataset.problems:
         log.warning("skipping a bad record of %s: %s", data.train, problem)
-    out = _join(work_dir, f"upload-{file_key(data.train)}", "train.json")
+    out = _join(out_dir, "train.json")
     _save_dataset_json(_portable(dataset, dataset), out)
     return out
 
@@ -599,19 +709,6 @@ def validated_upload(data: DataSettings, work_dir: str) -> str:
 def _profile_identity(config: ProfileConfig) -> dict[str, Any]:
     """The profile settings that change its numbers (not batch size or device)."""
     return {"shard_size": config.shard_size, "dtype": config.dtype}
-
-
-def _filter_outputs(result: FilterResult) -> dict[str, Any]:
-    return {
-        "clean_train": result.clean_train,
-        "detection": result.detection,
-        "report": result.report,
-        "flagged_table": result.flagged_table,
-        "plots": result.plots,
-        "n_flagged": result.n_flagged,
-        "metrics": {"flagged_fraction": result.flagged_fraction, "n_flagged": result.n_flagged},
-        "artifacts": [str(Path(result.report).parent)] if not is_s3(result.report) else [],
-    }
 
 
 def summarize(result: RunResult, config: PipelineConfig) -> str:
@@ -622,7 +719,7 @@ def summarize(result: RunResult, config: PipelineConfig) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
     before, after = result.metrics_before, result.metrics_after
-    decision = result.gate.decision
+    gate = result.gate
     lines = [
         "",
         f"flagged            {result.flagged} of {result.samples} samples "
@@ -634,15 +731,15 @@ def summarize(result: RunResult, config: PipelineConfig) -> str:
         f"residual ASR       {fmt(before.get('residual_asr')):>14}   {fmt(after.get('residual_asr'))}",
         f"clean accuracy     {fmt(before.get('clean_exact_match')):>14}   "
         f"{fmt(after.get('clean_exact_match'))}",
-        f"gate               {'PASSED' if decision.passed else 'FAILED'}: "
+        f"gate               {'PASSED' if gate['passed'] else 'FAILED'}: "
         + (
-            f"{result.gate.model_name} v{result.gate.version} now holds @{result.gate.alias}"
-            if result.gate.promoted
-            else "no alias moved"
+            f"{gate['model_name']} v{gate['version']} now holds @{gate['alias']}"
+            if gate["promoted"]
+            else f"{gate['model_name']} v{gate['version']} registered, no alias moved"
         ),
     ]
-    lines += [f"                   - {reason}" for reason in decision.reasons]
+    lines += [f"                   - {reason}" for reason in gate["reasons"]]
     uri = tr.resolve_tracking_uri(config.tracking.tracking_uri)
     ui = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else uri
-    lines += [f"MLflow run         {result.run_id}", f"open the UI        {ui}"]
+    lines += [f"MLflow run         {gate['run_id']}", f"open the UI        {ui}"]
     return "\n".join(lines)
