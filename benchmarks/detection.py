@@ -1,0 +1,124 @@
+"""Detection sweep: TCAP and BYE precision / recall / F1 / AUROC per family, attack, poison rate and seed.
+
+    .venv/bin/python benchmarks/detection.py                                  # what is cached, plus clean
+    .venv/bin/python benchmarks/detection.py --family llava gemma3 --attacks badnet text \\
+        --rates 0.01 0.05 0.1 --seeds 0 1 2                                    # the issue's full grid
+
+Each cell is a tiny world (``tcapguard.tinyworld``: the clean base fine-tuned on the poisoned upload,
+the TCAP protocol's first step), its attention profile and both filters. Worlds and profiles are cached
+(``TCAPGUARD_CACHE``), so a second sweep only fits the filters; a world not yet built costs ~2.5 min
+of fine-tuning on 2 idle cores. Rate 0 is the clean upload, where the right answer is "nothing
+flagged". The filters use their defaults: no parameter is tuned per cell. Results go to
+``benchmarks/results/detection.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tcapguard.attacks import Attack
+from tcapguard.detection import BYEFilter, TCAPFilter
+from tcapguard.evaluation import detection_metrics
+from tcapguard.models import load_model
+from tcapguard.profiling import ProfileConfig, load_profile, profile_dataset
+from tcapguard.tiny import TinyMLLMConfig
+from tcapguard.tinyworld import BaseSpec, WorldSpec, build_world, default_cache_dir
+
+ATTACKS = ("badnet", "blend", "sig", "wanet", "ftrojan", "text", "dual")
+
+
+def world_profile(family: str, attack: str | None, rate: float, seed: int, cache: Path):
+    """The world's profile (cached beside it) and its true poisoned ids."""
+    spec = WorldSpec(
+        base=BaseSpec(model=TinyMLLMConfig(family=family)),
+        attack=Attack.preset(attack) if attack else None,
+        rate=rate if attack else 0.0,
+        seed=seed,
+    )
+    world = build_world(spec, cache)
+    out = cache / f"profile-{world.root.name}"
+    model, processor = load_model(world.model)  # profile_dataset skips finished shards
+    profile_dataset(model, processor, world.load_train(), out, config=ProfileConfig(batch_size=32))
+    return load_profile(out), world.load_manifest().poisoned_ids
+
+
+def score(estimator, profile, poisoned: list[str]) -> dict:
+    start = time.perf_counter()
+    estimator.fit(profile)
+    seconds = time.perf_counter() - start
+    metrics = detection_metrics(profile.ids, poisoned, flagged=estimator.labels_, scores=estimator.scores_)
+    return {
+        "n_flagged": int(np.sum(estimator.labels_)),
+        "precision": metrics["detection_precision"],
+        "recall": metrics["detection_recall"],
+        "f1": metrics["detection_f1"],
+        "auroc": metrics["detection_auroc"],
+        "fit_seconds": seconds,
+        "decision": getattr(estimator, "decision_", None),
+    }
+
+
+def fmt(value) -> str:
+    return "  n/a" if value is None else f"{value:5.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--family", nargs="+", default=["llava", "gemma3"])
+    parser.add_argument(
+        "--attacks", nargs="+", default=["badnet", "blend", "sig", "wanet", "text"], choices=ATTACKS
+    )
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--no-clean", action="store_true", help="skip the clean upload (rate 0)")
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--out", default="benchmarks/results/detection.json")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    cache = Path(args.cache_dir or default_cache_dir())
+    cells = [(f, a, r, s) for f in args.family for a in args.attacks for r in args.rates for s in args.seeds]
+    if not args.no_clean:
+        cells += [(f, None, 0.0, s) for f in args.family for s in args.seeds]
+    rows = []
+    print(
+        f"{'family':7s} {'attack':8s} {'rate':>5s} {'seed':>4s} | {'TCAP P':>6s} {'R':>5s} {'F1':>5s} "
+        f"{'AUROC':>5s} {'flag':>5s} | {'BYE P':>6s} {'R':>5s} {'F1':>5s} {'AUROC':>5s} {'flag':>5s}"
+    )
+    for family, attack, rate, seed in cells:
+        profile, poisoned = world_profile(family, attack, rate, seed, cache)
+        tcap = score(TCAPFilter(), profile, poisoned)
+        bye = score(BYEFilter(), profile, poisoned)
+        rows.append(
+            {
+                "family": family,
+                "attack": attack or "clean",
+                "rate": rate,
+                "seed": seed,
+                "n_samples": len(profile),
+                "n_poisoned": len(poisoned),
+                "tcap": tcap,
+                "bye": bye,
+            }
+        )
+        print(
+            f"{family:7s} {attack or 'clean':8s} {rate:5.2f} {seed:4d} | "
+            f"{fmt(tcap['precision']):>6s} {fmt(tcap['recall'])} {fmt(tcap['f1'])} {fmt(tcap['auroc'])} "
+            f"{tcap['n_flagged']:5d} | {fmt(bye['precision']):>6s} {fmt(bye['recall'])} {fmt(bye['f1'])} "
+            f"{fmt(bye['auroc'])} {bye['n_flagged']:5d}",
+            flush=True,
+        )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"rows": rows}, indent=1, default=str) + "\n")
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
