@@ -168,6 +168,8 @@ osd data = {d}/osd.$id
 osd objectstore = memstore
 memstore device bytes = 2147483648
 osd journal size = 0
+osd crush update on start = false
+osd class update on start = false
 [client.rgw.a]
 rgw data = {d}/rgw
 rgw frontends = beast endpoint=127.0.0.1:{rgw_port}
@@ -290,15 +292,19 @@ def s3_server() -> Iterator[S3Server]:
     missing = CephRGW.missing_programs()
     if missing:
         _unavailable(
-            f"S3 tests need a Ceph RADOS Gateway, but {', '.join(missing)} is not on PATH: run `make ceph` "
+            f"S3 tests need a Ceph RADOS Gateway, but PATH lacks {', '.join(missing)}: run `make ceph` "
             f"(as root: apt-get install {' '.join(PACKAGES)})"
         )
-    # A short path: Ceph's admin sockets live under it and Unix socket paths are limited to 107 bytes.
-    rgw = CephRGW(Path(tempfile.mkdtemp(prefix="tcapguard-rgw-")))
-    try:
-        server = rgw.start()
-    except RuntimeError as err:
-        _unavailable(str(err))
+    for attempt in (1, 2):  # a second try with fresh ports and fsid, should a port be taken meanwhile
+        # A short path: Ceph's admin sockets live under it and Unix socket paths are limited to 107 bytes.
+        rgw = CephRGW(Path(tempfile.mkdtemp(prefix="tcapguard-rgw-")))
+        try:
+            server = rgw.start()
+            break
+        except RuntimeError as err:
+            if attempt == 2:
+                _unavailable(str(err))
+            print(f"\nCeph RGW start failed, trying again: {err}", file=sys.stderr)
     print(f"\nCeph RGW up at {server.endpoint} in {rgw.start_seconds:.1f} s", file=sys.stderr)
     yield server
     rgw.stop()

@@ -276,6 +276,22 @@ def test_load_dataset_from_s3_with_s3_images(s3_bucket):
         load_dataset(f"{s3_bucket}/data/broken.json")
 
 
+def test_load_dataset_with_s3_images_and_a_wrong_secret_stops_at_the_first_image(
+    s3_bucket, tmp_path, monkeypatch
+):
+    """Bad credentials are not "missing images": the load fails at once, naming the image and the cause."""
+    write_bytes(f"{s3_bucket}/img.png", _png("red"))
+    turns = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]
+    records = [{"id": str(i), "image": f"{s3_bucket}/img.png", "conversations": turns} for i in range(50)]
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    assert len(load_dataset(tmp_path / "train.json")) == 50
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "WrongSecretValue1234567890")
+    with pytest.raises(
+        StorageError, match=f"cannot read {s3_bucket}/img.png: the server rejected the credentials"
+    ):
+        load_dataset(tmp_path / "train.json")
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     from tcapguard.tiny import TinyMLLMConfig, build_tiny_mllm
@@ -364,3 +380,35 @@ def test_mlflow_server_puts_artifacts_in_s3(s3_env, s3_bucket, tmp_path, monkeyp
             server.kill()
             server.wait()
         log.close()
+
+
+def _deny_puts(server, bucket_uri: str, key_pattern: str) -> None:
+    """A real bucket policy that refuses uploads to keys matching ``key_pattern`` (for every user)."""
+    bucket = split_s3(bucket_uri)[0]
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Deny",
+                "Principal": "*",
+                "Action": "s3:PutObject",
+                "Resource": f"arn:aws:s3:::{bucket}/{key_pattern}",
+            }
+        ],
+    }
+    server.client().put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
+
+
+def test_denied_upload_midway_publishes_nothing_and_cleans_up(s3_env, s3_bucket, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a.bin", "b.bin", "zz-denied.bin"):
+        (src / name).write_bytes(name.encode())
+    uri = f"{s3_bucket}/run"
+    _deny_puts(s3_env, s3_bucket, "run/zz-*")
+    with pytest.raises(StorageError) as info:
+        upload_directory(src, uri)
+    assert f"cannot upload to {uri}: access denied (AccessDenied)" in str(info.value)
+    assert _keys(s3_env, uri) == []  # the files that did go up were removed, and there is no marker
+    with pytest.raises(MissingObjectError, match="not a published directory"):
+        download_prefix(uri, tmp_path / "dest")
