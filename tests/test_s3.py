@@ -282,9 +282,9 @@ def test_load_dataset_with_s3_images_and_a_wrong_secret_stops_at_the_first_image
     """Bad credentials are not "missing images": the load fails at once, naming the image and the cause."""
     write_bytes(f"{s3_bucket}/img.png", _png("red"))
     turns = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]
-    records = [{"id": str(i), "image": f"{s3_bucket}/img.png", "conversations": turns} for i in range(50)]
+    records = [{"id": str(i), "image": f"{s3_bucket}/img.png", "conversations": turns} for i in range(5)]
     (tmp_path / "train.json").write_text(json.dumps(records))
-    assert len(load_dataset(tmp_path / "train.json")) == 50
+    assert len(load_dataset(tmp_path / "train.json")) == 5
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "WrongSecretValue1234567890")
     with pytest.raises(
         StorageError, match=f"cannot read {s3_bucket}/img.png: the server rejected the credentials"

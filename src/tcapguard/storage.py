@@ -37,7 +37,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from boto3.s3.transfer import TransferConfig
+    from botocore.client import BaseClient
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +93,7 @@ def _env_number(name: str, default: float) -> float:
         raise StorageError(f"{name} must be a number, got {raw!r}") from None
 
 
-def s3_client():
+def s3_client() -> BaseClient:
     """A boto3 S3 client from the standard AWS chain, built once per distinct AWS/TCAPGUARD_S3 env.
 
     Caching matters: building a client costs tens of milliseconds and a dataset reads one image per
@@ -100,7 +104,7 @@ def s3_client():
 
 
 @functools.lru_cache(maxsize=8)
-def _client_for(snapshot: tuple[tuple[str, str], ...]):
+def _client_for(snapshot: tuple[tuple[str, str], ...]) -> BaseClient:
     import boto3
     from botocore.config import Config
 
@@ -134,7 +138,7 @@ def _redact(text: str) -> str:
     return text
 
 
-def default_transfer_config(**overrides: Any):
+def default_transfer_config(**overrides: Any) -> TransferConfig:
     """boto3's managed-transfer settings: multipart above 64 MiB in 64 MiB parts, 8 threads.
 
     64 MiB parts keep a 100 GB checkpoint under S3's 10,000-part limit; pass ``overrides`` (any
@@ -192,7 +196,7 @@ def _reason_for_403(bucket: str, key: str) -> str | None:
             s3_client().list_objects_v2(Bucket=bucket, MaxKeys=1)
     except ClientError as err:
         code = str(err.response.get("Error", {}).get("Code", ""))
-        return code if code not in {"", "403"} else None
+        return code if code in _BAD_KEY | _DENIED else None  # e.g. not NoSuchKey for a prefix URI
     except BotoCoreError:
         return None
     return None
@@ -341,7 +345,9 @@ def _copy_atomically(src: Path, dest: Path) -> None:
         shutil.copyfileobj(source, handle, 16 * MIB)
 
 
-def upload_file(src: str | os.PathLike, dest: str | os.PathLike, *, config=None) -> None:
+def upload_file(
+    src: str | os.PathLike, dest: str | os.PathLike, *, config: TransferConfig | None = None
+) -> None:
     """Copy local file ``src`` to ``dest`` (local path or ``s3://`` URI), atomically.
 
     On S3 it is a managed transfer: multipart above ``config.multipart_threshold``
@@ -358,7 +364,9 @@ def upload_file(src: str | os.PathLike, dest: str | os.PathLike, *, config=None)
         s3_client().upload_file(str(src), bucket, key, Config=config or default_transfer_config())
 
 
-def download_file(src: str | os.PathLike, dest: str | os.PathLike, *, config=None) -> Path:
+def download_file(
+    src: str | os.PathLike, dest: str | os.PathLike, *, config: TransferConfig | None = None
+) -> Path:
     """Copy ``src`` (local path or ``s3://`` URI) to local ``dest`` atomically; return ``dest``."""
     dest = Path(dest)
     if not is_s3(src):
@@ -422,7 +430,9 @@ def _safe_relative(relative: str, uri: str) -> str:
     return relative
 
 
-def upload_directory(src: str | os.PathLike, dest: str | os.PathLike, *, config=None) -> dict:
+def upload_directory(
+    src: str | os.PathLike, dest: str | os.PathLike, *, config: TransferConfig | None = None
+) -> dict:
     """Publish every file under local directory ``src`` at ``dest`` (local path or ``s3://`` prefix).
 
     On S3: the old completion marker is deleted, the files are uploaded concurrently (multipart above
@@ -534,7 +544,11 @@ def mark_complete(uri: str) -> dict:
 
 
 def download_prefix(
-    src: str | os.PathLike, dest: str | os.PathLike, *, config=None, manifest: dict | None = None
+    src: str | os.PathLike,
+    dest: str | os.PathLike,
+    *,
+    config: TransferConfig | None = None,
+    manifest: dict | None = None,
 ) -> Path:
     """Copy the published directory ``src`` (local path or ``s3://`` prefix) to local ``dest``.
 
