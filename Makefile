@@ -52,3 +52,21 @@ images: ## build the CPU and CUDA images (needs a Docker engine)
 
 image-lock: $(STAMP) ## re-pin the image's Python packages (docker/requirements.lock) from .venv
 	$(BIN)/python scripts/lock_image_requirements.py
+
+# --- S3 tests: a real Ceph RADOS Gateway (tests/s3server.py starts it; Debian packages) ---
+CEPH_PACKAGES := radosgw ceph-mon ceph-osd
+.PHONY: ceph
+test: ceph
+
+ceph: ## install the Ceph packages the S3 tests run (apt-get as root or sudo; skipped when present)
+	@if command -v radosgw >/dev/null && command -v ceph-mon >/dev/null && command -v ceph-osd >/dev/null; then \
+	  :; \
+	elif ! command -v apt-get >/dev/null; then \
+	  echo "warning: no apt-get to install $(CEPH_PACKAGES): the S3 tests fail in CI and skip elsewhere"; \
+	else \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo -n"; \
+	  echo "installing $(CEPH_PACKAGES) with apt-get (about 20 s)"; \
+	  { $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends $(CEPH_PACKAGES) >/dev/null; } \
+	  || echo "warning: could not install $(CEPH_PACKAGES): the S3 tests fail in CI and skip elsewhere"; \
+	fi

@@ -78,3 +78,7 @@ def small_tiny_config() -> Callable[..., TinyMLLMConfig]:
 def tiny_models(tmp_path_factory) -> TinyModels:
     """Untrained small tiny models, one per family in :data:`~tcapguard.tiny.FAMILIES`."""
     return TinyModels(tmp_path_factory.mktemp("tiny-models"))
+
+
+# --- S3: a real Ceph RADOS Gateway; fixtures s3_server, s3_env, s3_bucket (tests/s3server.py) ---
+pytest_plugins = ["s3server"]

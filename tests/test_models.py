@@ -1,4 +1,4 @@
-"""load_model: clear errors for every way a model source can be wrong, and the s3:// download path."""
+"""load_model: clear errors for every way a model source can be wrong (s3:// sources: test_s3.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tcapguard import models
 from tcapguard.models import ModelLoadError, load_model
 from tcapguard.tiny import TinyMLLMConfig, build_tiny_mllm
 
@@ -74,45 +73,6 @@ def test_loads_in_eval_mode_with_dtype(tiny):
     assert next(model.parameters()).dtype == torch.bfloat16
     assert model.config._attn_implementation == "eager"
     assert processor.chat_template
-
-
-class FakeS3:
-    """The two boto3 calls the downloader makes, served from a local directory."""
-
-    def __init__(self, root: Path, bucket: str):
-        self.root, self.bucket, self.downloads = root, bucket, 0
-
-    def get_paginator(self, name: str):
-        assert name == "list_objects_v2"
-        return self
-
-    def paginate(self, Bucket: str, Prefix: str):
-        assert Bucket == self.bucket
-        keys = sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file())
-        yield {"Contents": [{"Key": key} for key in keys if key.startswith(Prefix)]}
-
-    def download_file(self, bucket: str, key: str, filename: str) -> None:
-        self.downloads += 1
-        shutil.copyfile(self.root / key, filename)
-
-
-def test_s3_download_is_cached(tiny, tmp_path, monkeypatch):
-    store = tmp_path / "store"
-    shutil.copytree(tiny, store / "models" / "tiny")
-    fake = FakeS3(store, "bucket")
-    monkeypatch.setattr(models, "s3_client", lambda: fake)
-    monkeypatch.setenv("TCAPGUARD_CACHE", str(tmp_path / "cache"))
-
-    model, _ = load_model("s3://bucket/models/tiny")
-    first = fake.downloads
-    assert first == len(list(tiny.iterdir()))
-    load_model("s3://bucket/models/tiny/")
-    assert fake.downloads == first  # the second load reads the cache
-    assert type(model).__name__ == "LlavaForConditionalGeneration"
-    assert not list((tmp_path / "cache" / "models").glob(".*.tmp"))
-
-    with pytest.raises(ModelLoadError, match="no objects under s3://bucket/missing"):
-        load_model("s3://bucket/missing")
 
 
 def test_float16_checkpoint_is_upcast_on_cpu(tiny, tmp_path):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from tcapguard.storage import StorageError, atomic_write, is_s3, read_bytes
+from tcapguard.storage import MissingObjectError, StorageError, atomic_write, is_s3, read_bytes
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("human", "gpt")
@@ -149,7 +149,7 @@ class Dataset:
             with Image.open(io.BytesIO(read_bytes(uri))) as img:
                 return img.convert("RGB")
         except StorageError as err:
-            raise StorageError(f"record {record.id!r}: {err}") from err
+            raise type(err)(f"record {record.id!r}: {err}") from err
         except (OSError, SyntaxError, ValueError) as err:
             raise StorageError(f"record {record.id!r}: unreadable image {uri}: {err}") from err
 
@@ -264,8 +264,12 @@ def _image_problem(dataset: Dataset, record: Record) -> str | None:
     uri = dataset.image_uri(record)
     try:
         data = read_bytes(uri)
-    except StorageError:
+    except MissingObjectError:
         return f"missing image {uri}"
+    except StorageError as err:
+        if is_s3(uri):
+            raise  # credentials, access or the endpoint: the other images would fail the same way, slowly
+        return f"unreadable image {uri}: {err}"
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()

@@ -12,12 +12,10 @@ import hashlib
 import logging
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from tcapguard.storage import StorageError, is_s3, s3_client, split_s3
+from tcapguard.storage import StorageError, download_prefix, is_s3, read_manifest, split_s3
 
 logger = logging.getLogger(__name__)
 
@@ -37,53 +35,31 @@ def cache_root() -> Path:
 
 
 def download_s3_prefix(uri: str, cache_dir: str | Path | None = None) -> Path:
-    """Copy every object under ``uri`` into a local directory keyed by the URI and return it.
+    """Copy the model published at ``uri`` into a local directory keyed by the URI and its publication.
 
-    A cached copy is reused. The download goes to a temporary sibling that is renamed into place only
-    when complete, so an interrupted download never looks like a model.
+    The prefix must carry tcapguard's completion marker (:mod:`tcapguard.storage`), so a model whose
+    upload is unfinished or died midway is refused rather than loaded half. The marker's publication
+    id is part of the cache key: a cached copy is reused until the model is republished.
     """
-    bucket, prefix = split_s3(uri.rstrip("/"))
-    prefix = f"{prefix}/" if prefix else ""
+    uri = uri.rstrip("/")
+    bucket, prefix = split_s3(uri)
+    try:
+        manifest = read_manifest(uri)
+    except StorageError as err:
+        raise ModelLoadError(f"cannot download {uri}: {err}") from err
+    if "config.json" not in manifest["files"]:
+        shown = ", ".join(sorted(manifest["files"])[:10]) or "nothing"
+        raise ModelLoadError(f"{uri} holds no config.json, so it is not a saved model (it holds {shown})")
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    key = hashlib.sha256(f"s3://{bucket}/{prefix}".encode()).hexdigest()[:16]
-    target = root / f"{bucket}-{prefix.strip('/').replace('/', '-')}-{key}"[-200:]
+    key = hashlib.sha256(f"{uri}\n{manifest['id']}".encode()).hexdigest()[:16]
+    target = root / f"{bucket}-{prefix.replace('/', '-')}-{key}"[-200:]
     if (target / "config.json").is_file():
         logger.info("using cached copy of %s at %s", uri, target)
         return target
-
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=root))
     try:
-        client = s3_client()
-        count = 0
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            for obj in page.get("Contents", []):
-                relative = obj["Key"][len(prefix) :]
-                if not relative or relative.endswith("/"):
-                    continue
-                local = tmp / relative
-                if tmp.resolve() not in local.resolve().parents:
-                    raise StorageError(f"refusing S3 key that escapes the download dir: {obj['Key']!r}")
-                local.parent.mkdir(parents=True, exist_ok=True)
-                client.download_file(bucket, obj["Key"], str(local))
-                count += 1
-        if count == 0:
-            raise ModelLoadError(f"no objects under {uri}: check the bucket and prefix")
-        logger.info("downloaded %d objects from %s", count, uri)
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not a concurrent download that finished first
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except (ClientError, BotoCoreError, StorageError) as err:
-        shutil.rmtree(tmp, ignore_errors=True)
+        download_prefix(uri, target, manifest=manifest)
+    except StorageError as err:
         raise ModelLoadError(f"cannot download {uri}: {err}") from err
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
