@@ -186,3 +186,29 @@ def test_the_cli_lists_the_pipelines_steps():
     from tcapguard.cli import STEP_NAMES
 
     assert tuple(pipeline.STEP_FUNCTIONS) == STEP_NAMES
+
+
+def test_the_whole_run_on_s3(small_run, s3_bucket):
+    """Data read from and every step's output written to a real S3 server (Ceph RGW)."""
+    from tcapguard.storage import exists, join, upload_directory
+
+    config = PipelineConfig.from_yaml(small_run)
+    data_dir = Path(config.data.train).parent
+    upload_directory(data_dir, join(s3_bucket, "data"))
+    data = {
+        k: join(s3_bucket, "data", Path(v).name)
+        for k, v in {
+            "train": config.data.train,
+            "test": config.data.test,
+            "manifest": config.data.manifest,
+        }.items()
+    }
+    settings = yaml.safe_load(Path(small_run).read_text())
+    settings["data"].update(data)
+    settings["work_dir"] = join(s3_bucket, "runs")
+    config = PipelineConfig.from_dict(settings)
+    result = pipeline.run(config)
+    for step in ("probe-finetune", "profile", "filter", "finetune", "evaluate"):
+        assert result.steps[step].startswith(s3_bucket) and exists(join(result.steps[step], pipeline.MARKER))
+    assert exists(join(result.steps["evaluate"], "metrics.json"))
+    assert result.gate["version"] == "1"

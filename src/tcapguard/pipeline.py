@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -31,7 +32,8 @@ from tcapguard.detection import FilterConfig
 from tcapguard.evaluation import Detection, EvaluationConfig
 from tcapguard.gate import GatePolicy
 from tcapguard.profiling import ProfileConfig
-from tcapguard.storage import StorageError, is_s3, read_bytes, write_bytes
+from tcapguard.storage import download_prefix, exists, is_s3, publish_directory, read_bytes, write_bytes
+from tcapguard.storage import join as _join
 from tcapguard.training import FinetuneConfig
 
 log = logging.getLogger(__name__)
@@ -184,12 +186,6 @@ def _attack(spec: Any) -> Attack:
 # ----------------------------------------------------------------------------------------- step cache
 
 
-def _join(root: str, *parts: str) -> str:
-    if is_s3(root):
-        return "/".join([root.rstrip("/"), *parts])
-    return str(Path(root, *parts))
-
-
 def _key(*parts: Any) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -201,11 +197,8 @@ def file_key(uri: str) -> str:
 
 
 def is_finished(step_dir: str) -> bool:
-    try:
-        read_bytes(_join(step_dir, MARKER))
-    except StorageError:
-        return False
-    return True
+    """Whether the step's marker is there (an unreadable store is an error, not "unfinished")."""
+    return exists(_join(step_dir, MARKER))
 
 
 def _finish(step_dir: str, outputs: dict[str, Any]) -> None:
@@ -238,13 +231,23 @@ def _load(model: str, settings: ModelSettings | None = None):
 
 
 def finetune_model(base_model: str, train: str, out: str, config: FinetuneConfig) -> str:
-    """Fine-tune ``base_model`` on ``train``; the model directory ``out`` (saved atomically)."""
+    """Fine-tune ``base_model`` on ``train``; the model directory (or ``s3://`` prefix) ``out``,
+    published atomically."""
     from tcapguard.training import finetune
 
-    if is_s3(out):
-        raise StorageError(f"{out}: fine-tuned models are written to a local directory (sync it to S3)")
     model, processor = _load(base_model, ModelSettings(source=base_model, device=config.device))
-    finetune(model, processor, load_dataset(train), config, out)
+    dataset = load_dataset(train)
+    if is_s3(out):
+
+        def build(tmp: Path) -> None:
+            finetune(model, processor, dataset, config, tmp / "model")
+            for item in (tmp / "model").iterdir():
+                item.rename(tmp / item.name)
+            (tmp / "model").rmdir()
+
+        publish_directory(out, build)
+        return out
+    finetune(model, processor, dataset, config, out)
     return out
 
 
@@ -324,8 +327,6 @@ def filter_samples(
 
 
 def _filter_plots(estimator, dataset: Dataset, flagged: list[str], out: str, model: str | None) -> list[str]:
-    import tempfile
-
     from tcapguard import detection_report
     from tcapguard.detection import TCAPFilter
 
@@ -595,7 +596,12 @@ def step_gate(config: PipelineConfig) -> dict[str, Any]:
             version_tags = tr.model_version_tags(
                 dataset_hash=file_key(upload), attack_suite=suite, metrics=finite
             )
-            version = tr.log_and_register_model(final, config.tracking.registered_model, tags=version_tags)
+            with tempfile.TemporaryDirectory() as tmp:
+                if is_s3(final):  # MLflow logs local files: fetch the published model first
+                    final = str(download_prefix(final, Path(tmp) / "model"))
+                version = tr.log_and_register_model(
+                    final, config.tracking.registered_model, tags=version_tags
+                )
             run_id = parent.info.run_id
         result = run_gate(
             config.tracking.registered_model,

@@ -38,7 +38,8 @@ from tcapguard import __version__
 from tcapguard.config import StepConfig
 from tcapguard.data import Dataset, Record
 from tcapguard.runtime import tune_cpu_allocator
-from tcapguard.storage import StorageError, is_s3, read_bytes, write_bytes
+from tcapguard.storage import MissingObjectError, StorageError, exists, read_bytes, write_bytes
+from tcapguard.storage import join as _join
 from tcapguard.training import collate, render_prompt, to_messages
 
 log = logging.getLogger(__name__)
@@ -364,18 +365,6 @@ class Profile:
         return len(self.ids)
 
 
-def _join(root: str, name: str) -> str:
-    return f"{root.rstrip('/')}/{name}" if is_s3(root) else str(Path(root) / name)
-
-
-def _exists(uri: str) -> bool:
-    try:
-        read_bytes(uri)
-    except StorageError:
-        return False
-    return True
-
-
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.npz"
 
@@ -441,7 +430,7 @@ def profile_dataset(
     out = str(out)
     meta = _meta(model, processor, dataset, config, model_name)
     meta_uri = _join(out, "meta.json")
-    if _exists(meta_uri):
+    if exists(meta_uri):
         existing = json.loads(read_bytes(meta_uri))
         changed = [k for k in _RESUME_KEYS if existing.get(k) != meta[k]]
         if changed:
@@ -455,7 +444,7 @@ def profile_dataset(
     bad = [s for s in todo if not 0 <= s < meta["n_shards"]]
     if bad:
         raise ValueError(f"shard indices {bad} out of range: the dataset has {meta['n_shards']} shards")
-    todo = [s for s in todo if not _exists(_join(out, shard_name(s)))]
+    todo = [s for s in todo if not exists(_join(out, shard_name(s)))]
     if not todo:
         return out
     model.eval()
@@ -532,7 +521,7 @@ def load_profile(path: str | Path) -> Profile:
         uri = _join(root, shard_name(index))
         try:
             data = np.load(io.BytesIO(read_bytes(uri)), allow_pickle=False)
-        except StorageError:
+        except MissingObjectError:
             missing.append(shard_name(index))
             continue
         ids.extend(data["ids"].tolist())
