@@ -109,24 +109,56 @@ def query_span(processor, record: Record) -> tuple[str, int, int]:
     return prompt, start, end
 
 
+def _expanded_span(record: Record, start: int, end: int, replacements: Sequence[dict]) -> tuple[int, int]:
+    """The query span ``[start, end)`` of the rendered prompt, moved into the processor's expanded text.
+
+    ``replacements`` are the processor's own record of each placeholder it expanded (``span`` in the
+    rendered prompt, ``new_span`` in the expanded text, in order), so the query moves by exactly the
+    growth of the placeholders before it, whatever the expansion text (Idefics3's tile tags, Gemma3's
+    newlines) and wherever the image sits relative to the query.
+    """
+    shift = 0
+    for item in replacements:
+        (old_start, old_end), (_, new_end) = item["span"], item["new_span"]
+        if old_end <= start:
+            shift = new_end - old_end  # new_span already includes the growth of earlier placeholders
+        elif old_start < end:
+            raise SegmentationError(
+                f"record {record.id!r}: the user query contains the {item['type']} placeholder "
+                f"{item['text']!r}, which the processor expands"
+            )
+    return start + shift, end + shift
+
+
 def segment(
     processor, record: Record, image, image_ids: set[int]
 ) -> tuple[dict[str, torch.Tensor], np.ndarray]:
     """Processor inputs for the prompt and the component (SYSTEM / VISION / TEXT) of every token."""
     prompt, q_start, q_end = query_span(processor, record)
+    # Processors that expand placeholders through ``get_text_with_replacements`` (transformers >= 5.x)
+    # report where each expansion landed; older ones are handled by the suffix rule below.
+    reports_replacements = hasattr(processor, "get_text_with_replacements")
+    extra = {"return_text_replacement_offsets": True} if reports_replacements else {}
     try:
         encoded = processor(
             text=[prompt],
             images=[image] if image is not None else None,
             return_tensors="pt",
             return_offsets_mapping=True,
+            **extra,
         )
     except (TypeError, ValueError, NotImplementedError) as err:
         raise SegmentationError(
-            f"record {record.id!r}: {type(processor).__name__} could not return token offsets ({err}); "
-            "TCAP needs a fast tokenizer"
+            f"record {record.id!r}: {type(processor).__name__} failed on the rendered prompt ({err}); TCAP "
+            "needs a fast tokenizer (token offsets) and a chat template whose image placeholder the "
+            "processor expands"
         ) from err
-    inputs = {k: v for k, v in encoded.items() if k != "offset_mapping"}
+    if "offset_mapping" not in encoded:
+        raise SegmentationError(
+            f"record {record.id!r}: {type(processor).__name__} returned no token offsets; TCAP needs a "
+            "fast tokenizer"
+        )
+    inputs = {k: v for k, v in encoded.items() if k not in ("offset_mapping", "text_replacement_offsets")}
     ids = inputs["input_ids"][0].numpy()
     offsets = encoded["offset_mapping"][0].numpy()
     components = np.full(len(ids), SYSTEM, dtype=np.int8)
@@ -136,11 +168,14 @@ def segment(
         raise SegmentationError(
             f"record {record.id!r}: the processor's output holds no image tokens (ids {sorted(image_ids)})"
         )
-    # The processor expands image placeholders before tokenizing, so offsets refer to the expanded
-    # text. Text on the far side of the expansion from the query is unchanged: with the image after
-    # the query its offsets are the rendered ones; with the image before, they end where the
-    # unchanged suffix begins.
-    if is_vision.any() and offsets[is_vision, 0].min() < q_end:
+    # The processor expands image placeholders before tokenizing, so offsets refer to the expanded text.
+    reported = encoded.get("text_replacement_offsets")  # one list per prompt (empty tensor if none)
+    if reported is not None and len(reported):
+        q_start, q_end = _expanded_span(record, q_start, q_end, list(reported[0]))
+    elif is_vision.any() and offsets[is_vision, 0].min() < q_end:
+        # No report of the expansion: text on the far side of it from the query is unchanged. With the
+        # image after the query its offsets are the rendered ones; with the image before, they end where
+        # the unchanged suffix begins.
         expanded_length = int(offsets[:, 1].max())
         suffix = len(prompt) - q_end
         q_start, q_end = expanded_length - suffix - (q_end - q_start), expanded_length - suffix
