@@ -233,17 +233,21 @@ def _tokenizer(
     )
 
 
-def _video_processor():
+def _video_processor(**settings):
     """A stand-in for the video processor some processor classes insist on (never used: no videos here).
 
     transformers' video processors need torchvision, which cannot be installed next to this torch build
     (notes/ecosystem.md section 8). A bare ``VideoProcessorMixin`` (the base class that the processors'
     argument check asks for) imports and builds fine without it; any video input would fail, which is fine
-    because the segmentation under test sees images only.
+    because the segmentation under test sees images only. ``settings`` are video defaults a processor
+    reads even for image-only prompts (SmolVLM's chat template step reads ``num_frames`` and ``fps``).
     """
     from transformers import video_processing_utils
 
-    return video_processing_utils.VideoProcessorMixin()
+    video_processor = video_processing_utils.VideoProcessorMixin()
+    for name, value in settings.items():
+        setattr(video_processor, name, value)
+    return video_processor
 
 
 def _with_video_mixin(build: Callable[[], object]) -> object:
@@ -402,7 +406,7 @@ def _smolvlm():
         lambda: transformers.SmolVLMProcessor(
             image_processor=image_processor,
             tokenizer=tokenizer,
-            video_processor=_video_processor(),
+            video_processor=_video_processor(num_frames=64, fps=1),  # read, never used: no video here
             image_seq_len=4,
             chat_template=DEFAULT_CHAT_TEMPLATE,
         )
