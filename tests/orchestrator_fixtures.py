@@ -54,4 +54,5 @@ def tiny_config(root: Path, model_dir: Path, *, tracking_uri: str, registered_mo
 
 
 def as_yaml(config: dict[str, Any], **gate: Any) -> str:
-    return yaml.safe_dump({**config, "gate": gate})
+    """The config as YAML, with ``gate`` as its gate section when given."""
+    return yaml.safe_dump({**config, "gate": gate} if gate else config)
