@@ -1,4 +1,4 @@
-from typing import List
+from typing import List  # noqa: UP035 (the form KFP documents for list outputs)
 
 from kfp import dsl
 
@@ -6,7 +6,7 @@ from components.images import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def worker_indices(num_workers: int) -> List[int]:  # noqa: UP006 (KFP reads typing.List)
+def worker_indices(num_workers: int) -> List[int]:  # noqa: UP006 (see the import)
     """The profiling workers' indices, 0 .. num_workers - 1, for the pipeline's ParallelFor.
 
     Args:

@@ -27,5 +27,5 @@ def gate(config: str, summary: Output[Markdown]) -> NamedTuple("GateOutputs", pa
     outputs = run_step(config, "gate")
     with open(summary.path, "w") as handle:
         handle.write(gate_markdown(outputs))
-    result = NamedTuple("GateOutputs", passed=bool, outputs=str)
+    result = NamedTuple("GateOutputs", passed=bool, outputs=str)  # noqa: UP014 (matches the signature)
     return result(bool(outputs["passed"]), json.dumps(outputs))

@@ -39,4 +39,6 @@ def reject(gate_outputs: str):
 
     outputs = json.loads(gate_outputs)
     reasons = "; ".join(outputs["reasons"]) or "no reason recorded"
-    raise GateError(f"{outputs['model_name']} version {outputs['version']} failed the backdoor gate: {reasons}")
+    raise GateError(
+        f"{outputs['model_name']} version {outputs['version']} failed the backdoor gate: {reasons}"
+    )

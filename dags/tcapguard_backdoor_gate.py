@@ -18,21 +18,30 @@ from datetime import timedelta
 from typing import Any
 
 import pendulum
-from airflow.sdk.exceptions import AirflowFailException
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.sdk import Param, TaskGroup, Variable, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
 from kubernetes.client import models as k8s
 
 DAG_ID = "tcapguard_backdoor_gate"
 # The library's steps (tcapguard.pipeline.STEP_FUNCTIONS) in order; tests check the two agree.
-STEPS = ("probe-finetune", "profile", "merge-profile", "filter", "finetune", "evaluate-probe", "evaluate", "gate")
+STEPS = (
+    "probe-finetune",
+    "profile",
+    "merge-profile",
+    "filter",
+    "finetune",
+    "evaluate-probe",
+    "evaluate",
+    "gate",
+)
 GPU_STEPS = {"probe-finetune", "profile", "finetune", "evaluate-probe", "evaluate"}
 
 # Kubernetes mode: names an operator sets up once (Variables with these defaults, Secrets, a PVC).
 IMAGE = "ghcr.io/tcapguard/tcapguard:0.1.0"  # moves with the package version (tests check)
 # The Variable names the CPU image; GPU steps take its "-cuda" build.
-IMAGE_TEMPLATE = "{{ var.value.get('tcapguard_image', '%s') }}" % IMAGE
-CUDA_IMAGE_TEMPLATE = "{{ var.value.get('tcapguard_image', '%s') ~ '-cuda' }}" % IMAGE
+IMAGE_TEMPLATE = "{{ var.value.get('tcapguard_image', '" + IMAGE + "') }}"
+CUDA_IMAGE_TEMPLATE = "{{ var.value.get('tcapguard_image', '" + IMAGE + "') ~ '-cuda' }}"
 NAMESPACE_TEMPLATE = "{{ var.value.get('tcapguard_namespace', 'default') }}"
 S3_SECRET = "tcapguard-s3"  # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
 MLFLOW_SECRET = "tcapguard-mlflow"  # MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD
@@ -86,7 +95,7 @@ def run_step(config: str, name: str, worker: int = 0, workers: int = 1) -> dict[
 def _pod_script(name: str, extra: str = "") -> str:
     """The pod's command: write the config, run the step, leave its outputs for the XCom sidecar.
     For the gate, exit 1 (a failed verdict) is an outcome the verdict task reads, not a pod failure."""
-    run = f'tcapguard step {name} {CONFIG_IN_POD}{extra} --outputs-json {XCOM_FILE}'
+    run = f"tcapguard step {name} {CONFIG_IN_POD}{extra} --outputs-json {XCOM_FILE}"
     if name == "gate":
         run = f"{run} || [ $? -eq 1 ]"
     return f'printf "%s" "$TCAPGUARD_CONFIG" > {CONFIG_IN_POD} && mkdir -p /airflow/xcom && {run}'
@@ -106,7 +115,8 @@ def _pod_settings(name: str) -> dict[str, Any]:
         ],
         "volumes": [
             k8s.V1Volume(
-                name="work", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(claim_name=WORK_PVC)
+                name="work",
+                persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(claim_name=WORK_PVC),
             )
         ],
         "volume_mounts": [k8s.V1VolumeMount(name="work", mount_path=WORK_MOUNT)],
@@ -170,8 +180,12 @@ def reject() -> None:
     tags=["tcapguard", "mlops", "backdoor"],
     doc_md=__doc__,
     params={
-        "config": Param("", type="string", description="pipeline config: a YAML document or a path/s3:// URI"),
-        "model": Param("", type="string", description="override model.source (directory, s3://, models:/, hub id)"),
+        "config": Param(
+            "", type="string", description="pipeline config: a YAML document or a path/s3:// URI"
+        ),
+        "model": Param(
+            "", type="string", description="override model.source (directory, s3://, models:/, hub id)"
+        ),
         "train": Param("", type="string", description="override data.train (the upload)"),
         "test": Param("", type="string", description="override data.test (the clean test split)"),
         "policy": Param({}, type=["object", "string"], description="gate fields, or a policy file path/URI"),
@@ -190,7 +204,9 @@ def tcapguard_backdoor_gate():
         previous = None
         for name in STEPS:
             if name == "profile":
-                current = run_step.override(task_id=name).partial(config=config, name=name).expand_kwargs(fanout)
+                current = (
+                    run_step.override(task_id=name).partial(config=config, name=name).expand_kwargs(fanout)
+                )
             else:
                 current = run_step.override(task_id=name)(config=config, name=name)
             if previous is not None:
@@ -206,7 +222,9 @@ def tcapguard_backdoor_gate():
                     arguments=arguments
                 )
             else:
-                current = KubernetesPodOperator(task_id=name, arguments=[_pod_script(name)], **_pod_settings(name))
+                current = KubernetesPodOperator(
+                    task_id=name, arguments=[_pod_script(name)], **_pod_settings(name)
+                )
             if previous is not None:
                 previous >> current
             previous = current

@@ -10,8 +10,6 @@ tests/test_kfp.py fails when the committed YAML is stale.
 import sys
 from pathlib import Path
 
-from kfp import compiler, dsl, kubernetes
-
 from components import (
     evaluate,
     finetune,
@@ -24,6 +22,7 @@ from components import (
     tcap_filter,
     worker_indices,
 )
+from kfp import compiler, dsl, kubernetes
 
 PIPELINE_NAME = "tcapguard-backdoor-gate"
 COMPILED = Path(__file__).with_suffix(".yaml")
@@ -47,7 +46,10 @@ def _on_cluster(task: dsl.PipelineTask, *, gpu: bool = False) -> dsl.PipelineTas
     kubernetes.use_secret_as_env(
         task,
         secret_name=S3_SECRET,
-        secret_key_to_env={"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"},
+        secret_key_to_env={
+            "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+        },
         optional=True,
     )
     kubernetes.use_secret_as_env(
@@ -92,7 +94,9 @@ def tcapguard_backdoor_gate(config: str, num_workers: int = 2):
     after.after(before).set_display_name("evaluate")
     verdict = _on_cluster(gate(config=config).after(after)).set_display_name("gate")
     with dsl.If(verdict.outputs["passed"] == True):  # noqa: E712 (a KFP condition, not a Python test)
-        _on_cluster(promote(config=config, gate_outputs=verdict.outputs["outputs"])).set_display_name("promote")
+        _on_cluster(promote(config=config, gate_outputs=verdict.outputs["outputs"])).set_display_name(
+            "promote"
+        )
     with dsl.Else():
         _on_cluster(reject(gate_outputs=verdict.outputs["outputs"])).set_display_name("reject")
 

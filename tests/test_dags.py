@@ -7,6 +7,7 @@ import time
 import uuid
 
 import pytest
+
 from airflow_fixtures import DAGS
 from orchestrator_fixtures import FAILING, PASSING, as_yaml, tiny_config
 

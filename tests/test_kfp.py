@@ -15,8 +15,9 @@ import yaml
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))  # components/ and pipelines/ live beside src/
 
-from orchestrator_fixtures import FAILING, PASSING, as_yaml, tiny_config  # noqa: E402
 from pipelines import tcapguard_pipeline as tp  # noqa: E402
+
+from orchestrator_fixtures import FAILING, PASSING, as_yaml, tiny_config  # noqa: E402
 
 
 def _package() -> tuple[dict, dict]:
@@ -36,7 +37,9 @@ def test_the_package_asks_for_gpus_secrets_and_the_work_volume():
     package, platform = _package()
     containers = {name: spec["container"] for name, spec in package["deploymentSpec"]["executors"].items()}
     gpu = {name for name, c in containers.items() if c.get("resources", {}).get("accelerator")}
-    assert gpu == {f"exec-{n}" for n in ("probe-finetune", "profile-attention", "finetune", "evaluate", "evaluate-2")}
+    assert gpu == {
+        f"exec-{n}" for n in ("probe-finetune", "profile-attention", "finetune", "evaluate", "evaluate-2")
+    }
     assert all(c["image"].endswith("-cuda") == (name in gpu) for name, c in containers.items())
     for name in gpu:
         assert platform[name]["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}

@@ -82,8 +82,10 @@ def run_step(spec: str | PipelineConfig, name: str, *, worker: int = 0, workers:
     config = spec if isinstance(spec, PipelineConfig) else load_config(spec)
     if not step_applies(config, name):
         return {"skipped": True, "step": name}
-    outputs = step_profile(config, worker=worker, workers=workers) if name == "profile" else (
-        STEP_FUNCTIONS[name](config)
+    outputs = (
+        step_profile(config, worker=worker, workers=workers)
+        if name == "profile"
+        else (STEP_FUNCTIONS[name](config))
     )
     return json.loads(json.dumps(outputs, default=str))
 
