@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# An isolated Airflow home and its metadata DB (fixture ``airflow_db``); see tests/airflow_fixtures.py.
+from airflow_fixtures import airflow_db  # noqa: F401
+
 # A real MLflow tracking server (session-scoped fixture ``mlflow_server``); see tests/mlflow_fixtures.py.
 from mlflow_fixtures import mlflow_server  # noqa: F401
 from tcapguard import world

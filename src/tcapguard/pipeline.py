@@ -651,6 +651,18 @@ STEP_FUNCTIONS: dict[str, Callable[..., dict[str, Any]]] = {
 """The job's steps in order; adapters (Airflow, Kubeflow) run these, one task each."""
 
 
+def step_applies(config: PipelineConfig, name: str) -> bool:
+    """Whether step ``name`` runs for ``config``: no probe evaluation with ``evaluate_probe`` off, no
+    profiling with the filter off. :func:`run` and the orchestrator adapters skip the same steps."""
+    if name not in STEP_FUNCTIONS:
+        raise ValueError(f"unknown step {name!r}; steps: {list(STEP_FUNCTIONS)}")
+    if name == "evaluate-probe":
+        return config.evaluate_probe
+    if name in ("profile", "merge-profile"):
+        return config.filter_enabled
+    return True
+
+
 # ------------------------------------------------------------------------------------------ the run
 
 
@@ -676,9 +688,7 @@ def run(config: PipelineConfig, *, progress: Callable[[str], None] = log.info) -
     dirs = plan(config)
     outputs: dict[str, dict[str, Any]] = {}
     for name, function in STEP_FUNCTIONS.items():
-        if name == "evaluate-probe" and not config.evaluate_probe:
-            continue
-        if name in ("profile", "merge-profile") and not config.filter_enabled:
+        if not step_applies(config, name):
             continue
         step_dir = dirs["profile" if name == "merge-profile" else name]
         progress(f"[{name}] {'reusing ' if is_finished(step_dir) else ''}{step_dir}")

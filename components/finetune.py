@@ -1,0 +1,25 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Model, Output
+
+from components.images import IMAGE_CUDA
+
+
+@dsl.component(base_image=IMAGE_CUDA, install_kfp_package=False)
+def finetune(config: str, clean_train: Input[Dataset], model: Output[Model]) -> str:
+    """Fine-tune the base model again, on the cleaned upload: the candidate the gate judges.
+
+    Args:
+        config: the pipeline config, a YAML document or a path/s3:// URI of one.
+        clean_train: the cleaned upload (lineage; the step finds it through the config's plan).
+        model: the fine-tuned model (metadata["uri"] names its directory).
+
+    Returns:
+        The step's outputs as JSON.
+    """
+    import json
+
+    from tcapguard.orchestration import describe_artifact, run_step
+
+    outputs = run_step(config, "finetune")
+    describe_artifact(model, outputs["model"], outputs)
+    return json.dumps(outputs)

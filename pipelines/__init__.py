@@ -1,0 +1,1 @@
+"""Kubeflow pipelines over the tcapguard components (compiled YAML next to the source)."""
