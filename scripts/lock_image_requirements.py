@@ -1,7 +1,7 @@
 """Write docker/requirements.lock: exact pins for the image's Python packages.
 
 The pins are the versions installed in the current environment for tcapguard's core dependencies and
-everything they pull in (no extras: the image carries no Airflow or kfp). torch is left out: each
+everything they pull in, plus the kfp extra (the components import kfp; no Airflow). torch is left out: each
 Dockerfile pins it from its own index (CPU or CUDA build). Run from the repository root with the
 project's venv after changing pyproject dependencies:
 
@@ -21,10 +21,18 @@ SKIP = {"torch"}  # pinned per Dockerfile from the CPU or CUDA index
 LOCK = Path("docker/requirements.lock")
 
 
+IMAGE_EXTRAS = {"kfp"}  # the Kubeflow components run on the image and import kfp's dsl types
+
+
 def closure(root: str) -> dict[str, str]:
-    """name -> installed version for ``root``'s core requirements, transitively (markers evaluated here)."""
+    """name -> installed version for ``root``'s core and IMAGE_EXTRAS requirements, transitively."""
     pins: dict[str, str] = {}
-    todo = [Requirement(r) for r in distribution(root).requires or [] if "extra ==" not in r]
+    todo = []
+    for text in distribution(root).requires or []:
+        req = Requirement(text)
+        if not req.marker or any(req.marker.evaluate({"extra": e}) for e in {"", *IMAGE_EXTRAS}):
+            req.marker = None  # evaluated here; the closure below sees plain requirements
+            todo.append(req)
     while todo:
         req = todo.pop()
         name = canonicalize_name(req.name)

@@ -259,7 +259,8 @@ def test_chart_image_and_package_versions_move_together(helm):
 
 
 def test_image_lock_pins_every_core_dependency():
-    """docker/requirements.lock follows pyproject (regenerate: scripts/lock_image_requirements.py)."""
+    """docker/requirements.lock follows pyproject: core plus the kfp extra, no Airflow (regenerate:
+    scripts/lock_image_requirements.py)."""
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
@@ -272,7 +273,8 @@ def test_image_lock_pins_every_core_dependency():
             continue
         assert canonicalize_name(req.name) in pins, f"{req.name} is not pinned in docker/requirements.lock"
         assert req.specifier.contains(pins[canonicalize_name(req.name)]), f"{req.name} pin violates {text}"
-    assert "torch" not in pins and not any(name.startswith(("apache-airflow", "kfp")) for name in pins)
+    assert "torch" not in pins and not any(name.startswith("apache-airflow") for name in pins)
+    assert {"kfp", "kfp-kubernetes"} <= set(pins)  # the Kubeflow components import kfp on the image
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
