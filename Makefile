@@ -70,3 +70,8 @@ ceph: ## install the Ceph packages the S3 tests run (apt-get as root or sudo; sk
 	      --no-install-recommends $(CEPH_PACKAGES) >/dev/null; } \
 	  || echo "warning: could not install $(CEPH_PACKAGES): the S3 tests fail in CI and skip elsewhere"; \
 	fi
+
+# --- orchestrators (issue 6) ---
+.PHONY: kfp-compile
+kfp-compile: $(STAMP) ## recompile pipelines/tcapguard_pipeline.yaml (a test fails while it is stale)
+	PYTHONPATH=src:. $(BIN)/python -m pipelines.tcapguard_pipeline
