@@ -410,7 +410,7 @@ class TCAPFilter(_PoisonFilter):
             votes = self._target_responsibility(gm, values, sel, split["target"]) > self.vote_threshold
             self.head_support_ = np.ones(sel.size)
         else:
-            every = shares[:, first:].reshape(n, -1)  # all three shares: the footprint of a group
+            every = shares.reshape(n, -1)  # all layers and shares: the footprint of a group
             sel, votes, decline = self._seed_and_support(gm, values, every, split, order)
         self.heads_ = [(int(first + i // n_heads), int(i % n_heads), float(sep[i])) for i in sel]
         self.mixtures_ = {
@@ -482,7 +482,7 @@ class TCAPFilter(_PoisonFilter):
             group = resp[:, j] > self.vote_threshold
             auc_all = _two_sided_auroc(ranks, group[sub])
             footprint = float((auc_all >= self.min_support_auc).mean())
-            auc = auc_all.reshape(c, 3)[:, FEATURES[self.feature]]
+            auc = auc_all.reshape(-1, 3)[-c:, FEATURES[self.feature]]  # the searched (last) layers
             support = np.flatnonzero(auc >= self.min_support_auc)
             row = {
                 "head": int(i),
@@ -512,8 +512,8 @@ class TCAPFilter(_PoisonFilter):
         self.head_support_ = np.zeros(0)
         reason = (
             f"declined: none of {cand.size} head(s) with SS >= {self.min_separation} has a target group "
-            f"that at least {self.min_heads} heads and at most {self.max_footprint:.0%} of the "
-            f"searched head-shares separate (AUROC >= {self.min_support_auc})"
+            f"that at least {self.min_heads} searched heads and at most {self.max_footprint:.0%} of all "
+            f"head-shares of the model separate (AUROC >= {self.min_support_auc})"
         )
         return empty, np.zeros((n, 0), dtype=bool), reason
 
