@@ -2,6 +2,7 @@
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,7 +150,7 @@ def test_find_poisoned_samples_front_door(poisoned, fitted):
 def test_filter_config_round_trip(tmp_path):
     cfg = FilterConfig(n_heads=6, n_layers=4, prior_strength=(1.0, 9.0))
     path = cfg.save_pretrained(tmp_path)
-    body = json.loads(open(path).read())
+    body = json.loads(Path(path).read_text())
     assert body["config_type"] == "FilterConfig" and "tcapguard_version" in body
     back = FilterConfig.from_pretrained(tmp_path)
     assert back == cfg
@@ -171,11 +172,11 @@ def test_reports_and_plots(tmp_path, fitted):
         (plot_head_mixtures, "mixtures.png"),
     ]:
         out = fn(fitted, tmp_path / name)
-        assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    rep = json.loads(open(write_report(fitted, tmp_path / "report.json")).read())
+        assert Path(out).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rep = json.loads(Path(write_report(fitted, tmp_path / "report.json")).read_text())
     assert rep["n_flagged"] == fitted.n_flagged_ and len(rep["heads"]) == len(fitted.heads_)
     assert {"sensitivity", "specificity", "layer", "head", "separation"} <= set(rep["heads"][0])
-    rows = open(write_flagged_table(fitted, tmp_path / "flagged.csv")).read().splitlines()
+    rows = Path(write_flagged_table(fitted, tmp_path / "flagged.csv")).read_text().splitlines()
     assert rows[0] == "id,posterior,votes" and len(rows) == fitted.n_flagged_ + 1
     assert float(rows[1].split(",")[1]) >= float(rows[-1].split(",")[1]) > 0.5
     with warnings.catch_warnings():
