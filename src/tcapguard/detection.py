@@ -113,15 +113,17 @@ def _check_shares(X: Any) -> tuple[list[str] | None, np.ndarray]:
     sums = shares.sum(axis=-1, dtype=np.float64)  # NaN/inf anywhere shows up here: one pass, not two
     if not np.isfinite(sums).all():
         where = np.argwhere(~np.isfinite(sums))[0]
+        count = int((~np.isfinite(sums)).sum())
         raise ValueError(
-            f"shares has NaN/inf values in {int((~np.isfinite(sums)).sum())} (sample, layer, head) cells (first "
-            f"at sample {where[0]}, layer {where[1]}, head {where[2]}); re-profile those samples or drop them"
+            f"shares has NaN/inf values in {count} (sample, layer, head) cells (first at sample {where[0]}, "
+            f"layer {where[1]}, head {where[2]}); re-profile those samples or drop them"
         )
     lo, hi = shares.min(), shares.max()
     if lo < -1e-3 or hi > 1 + 1e-3 or np.abs(sums - 1).max() > 1e-2:
         raise ValueError(
             "shares must be attention masses in [0, 1] summing to 1 over (system, vision, text) per "
-            f"sample/layer/head; got values in [{lo:.3g}, {hi:.3g}] and sums in [{sums.min():.3g}, {sums.max():.3g}]"
+            f"sample/layer/head; got values in [{lo:.3g}, {hi:.3g}] and sums in "
+            f"[{sums.min():.3g}, {sums.max():.3g}]"
         )
     if ids is not None and len(ids) != n:
         raise ValueError(f"profile has {len(ids)} ids but {n} rows of shares")
@@ -292,7 +294,7 @@ class TCAPFilter(_PoisonFilter):
         split_rule: str = "extreme",
         head_selection: str = "support",
         max_heads: int = 16,
-        max_poison_fraction: float = 0.3,
+        max_poison_fraction: float = 0.2,
         min_poison_fraction: float = 0.005,
         min_separation: float = 20.0,
         min_support_auc: float = 0.9,
@@ -645,7 +647,7 @@ class FilterConfig:
     split_rule: str = "extreme"
     head_selection: str = "support"
     max_heads: int = 16
-    max_poison_fraction: float = 0.3
+    max_poison_fraction: float = 0.2
     min_poison_fraction: float = 0.005
     min_separation: float = 20.0
     min_support_auc: float = 0.9
