@@ -110,19 +110,20 @@ def _check_shares(X: Any) -> tuple[list[str] | None, np.ndarray]:
     n = shares.shape[0]
     if n < MIN_SAMPLES:
         raise ValueError(f"need at least {MIN_SAMPLES} samples to fit mixtures, got {n}")
-    bad = ~np.isfinite(shares)
-    if bad.any():
-        where = np.argwhere(bad)[0]
+    sums = shares.sum(axis=-1, dtype=np.float64)  # NaN/inf anywhere shows up here: one pass, not two
+    if not np.isfinite(sums).all():
+        where = np.argwhere(~np.isfinite(sums))[0]
+        count = int((~np.isfinite(sums)).sum())
         raise ValueError(
-            f"shares has {int(bad.sum())} NaN/inf values (first at sample {where[0]}, layer "
-            f"{where[1]}, head {where[2]}); re-profile those samples or drop them"
+            f"shares has NaN/inf values in {count} (sample, layer, head) cells (first at sample {where[0]}, "
+            f"layer {where[1]}, head {where[2]}); re-profile those samples or drop them"
         )
-    sums = shares.sum(axis=-1)
-    if (shares < -1e-3).any() or (shares > 1 + 1e-3).any() or np.abs(sums - 1).max() > 1e-2:
+    lo, hi = shares.min(), shares.max()
+    if lo < -1e-3 or hi > 1 + 1e-3 or np.abs(sums - 1).max() > 1e-2:
         raise ValueError(
-            "shares must be attention masses in [0, 1] summing to 1 over (system, vision, text) "
-            f"per sample/layer/head; got values in [{shares.min():.3g}, {shares.max():.3g}] "
-            f"and sums in [{sums.min():.3g}, {sums.max():.3g}]"
+            "shares must be attention masses in [0, 1] summing to 1 over (system, vision, text) per "
+            f"sample/layer/head; got values in [{lo:.3g}, {hi:.3g}] and sums in "
+            f"[{sums.min():.3g}, {sums.max():.3g}]"
         )
     if ids is not None and len(ids) != n:
         raise ValueError(f"profile has {len(ids)} ids but {n} rows of shares")
@@ -225,6 +226,14 @@ def cohen_kappa_matrix(votes: np.ndarray) -> np.ndarray:
     return np.nan_to_num(kappa, nan=0.0)
 
 
+def _column_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks (1..n, ties broken by order) within each column of ``x`` [n, C]."""
+    order = np.argsort(np.ascontiguousarray(x.T), axis=1)
+    ranks = np.empty(order.shape, dtype=np.float64)
+    np.put_along_axis(ranks, order, np.arange(1, x.shape[0] + 1, dtype=np.float64)[None, :], axis=1)
+    return ranks.T
+
+
 def _two_sided_auroc(ranks: np.ndarray, member: np.ndarray) -> np.ndarray:
     """AUROC of ``member`` vs the rest in every column of ``ranks`` (Mann-Whitney), folded to >= 0.5."""
     n1 = int(member.sum())
@@ -273,7 +282,7 @@ class TCAPFilter(_PoisonFilter):
         max_uncertain: decline when more than this share of samples has a posterior in (0.1, 0.9).
         threshold: posterior above which a sample is flagged.
         n_components, criterion, reg_covar, tol, max_iter, n_init, n_bins: the mixtures (see
-            ``GaussianMixture1D``); n_bins="auto" bins only above 20,000 samples.
+            ``GaussianMixture1D``); n_bins="auto" bins (512 bins) only above 20,000 samples.
     """
 
     def __init__(
@@ -285,7 +294,7 @@ class TCAPFilter(_PoisonFilter):
         split_rule: str = "extreme",
         head_selection: str = "support",
         max_heads: int = 16,
-        max_poison_fraction: float = 0.3,
+        max_poison_fraction: float = 0.2,
         min_poison_fraction: float = 0.005,
         min_separation: float = 20.0,
         min_support_auc: float = 0.9,
@@ -367,22 +376,11 @@ class TCAPFilter(_PoisonFilter):
         n, n_layers, n_heads, _ = shares.shape
         self._check_params(n_layers)
         first = n_layers - (self.n_layers or n_layers)
-        feat = shares[:, first:, :, FEATURES[self.feature]].reshape(n, -1).astype(np.float64)
+        feat = shares[:, first:, :, FEATURES[self.feature]].reshape(n, -1).astype(np.float32)
         values, flat = _minmax(feat)
-        n_bins = (1024 if n > 20000 else None) if self.n_bins == "auto" else self.n_bins
+        n_bins = (512 if n > 20000 else None) if self.n_bins == "auto" else self.n_bins
         ks = tuple(k for k in self.n_components if k <= n)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # unconverged heads are counted in n_unconverged_
-            gm = GaussianMixture1D(
-                ks,
-                criterion=self.criterion,
-                tol=self.tol,
-                reg_covar=self.reg_covar,
-                max_iter=self.max_iter,
-                n_init=self.n_init,
-                n_bins=n_bins,
-                random_state=self.random_state,
-            ).fit(values)
+        gm = self._fit_mixtures(values, ks, n_bins)
         self.n_unconverged_ = int((~gm.converged_).sum())
         split = split_components(
             gm,
@@ -410,7 +408,7 @@ class TCAPFilter(_PoisonFilter):
             votes = self._target_responsibility(gm, values, sel, split["target"]) > self.vote_threshold
             self.head_support_ = np.ones(sel.size)
         else:
-            every = shares[:, first:].reshape(n, -1)  # all three shares: the footprint of a group
+            every = shares.reshape(n, -1)  # all layers and shares: the footprint of a group
             sel, votes, decline = self._seed_and_support(gm, values, every, split, order)
         self.heads_ = [(int(first + i // n_heads), int(i % n_heads), float(sep[i])) for i in sel]
         self.mixtures_ = {
@@ -459,6 +457,21 @@ class TCAPFilter(_PoisonFilter):
         )
         return self
 
+    def _fit_mixtures(self, values: np.ndarray, ks: tuple[int, ...], n_bins: int | None) -> GaussianMixture1D:
+        """One mixture per head column, K chosen by ``criterion`` (a subclass may swap in a reference)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unconverged heads are counted in n_unconverged_
+            return GaussianMixture1D(
+                ks,
+                criterion=self.criterion,
+                tol=self.tol,
+                reg_covar=self.reg_covar,
+                max_iter=self.max_iter,
+                n_init=self.n_init,
+                n_bins=n_bins,
+                random_state=self.random_state,
+            ).fit(values)
+
     def _seed_and_support(
         self, gm: GaussianMixture1D, values: np.ndarray, every: np.ndarray, split: dict, order: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, str | None]:
@@ -475,14 +488,14 @@ class TCAPFilter(_PoisonFilter):
         cand = cand[sep[cand] >= self.min_separation]
         rng = np.random.default_rng(self.random_state)
         sub = np.sort(rng.choice(n, size=min(n, 5000), replace=False))
-        ranks = np.argsort(np.argsort(every[sub], axis=0, kind="stable"), axis=0).astype(np.float64) + 1
+        ranks = _column_ranks(every[sub])
         resp = self._target_responsibility(gm, values, cand, split["target"])
         empty = np.zeros(0, dtype=np.int64)
         for j, i in enumerate(cand):
             group = resp[:, j] > self.vote_threshold
             auc_all = _two_sided_auroc(ranks, group[sub])
             footprint = float((auc_all >= self.min_support_auc).mean())
-            auc = auc_all.reshape(c, 3)[:, FEATURES[self.feature]]
+            auc = auc_all.reshape(-1, 3)[-c:, FEATURES[self.feature]]  # the searched (last) layers
             support = np.flatnonzero(auc >= self.min_support_auc)
             row = {
                 "head": int(i),
@@ -512,8 +525,8 @@ class TCAPFilter(_PoisonFilter):
         self.head_support_ = np.zeros(0)
         reason = (
             f"declined: none of {cand.size} head(s) with SS >= {self.min_separation} has a target group "
-            f"that at least {self.min_heads} heads and at most {self.max_footprint:.0%} of the "
-            f"searched head-shares separate (AUROC >= {self.min_support_auc})"
+            f"that at least {self.min_heads} searched heads and at most {self.max_footprint:.0%} of all "
+            f"head-shares of the model separate (AUROC >= {self.min_support_auc})"
         )
         return empty, np.zeros((n, 0), dtype=bool), reason
 
@@ -634,7 +647,7 @@ class FilterConfig:
     split_rule: str = "extreme"
     head_selection: str = "support"
     max_heads: int = 16
-    max_poison_fraction: float = 0.3
+    max_poison_fraction: float = 0.2
     min_poison_fraction: float = 0.005
     min_separation: float = 20.0
     min_support_auc: float = 0.9

@@ -360,9 +360,37 @@ class GaussianMixture1D:
         return _logsumexp(self._log_prob_samples(X, series)).T
 
     def predict_proba(self, X: np.ndarray, series: np.ndarray | None = None) -> np.ndarray:
-        """Responsibilities [n_samples, n_series, max K] (``series`` picks fitted mixtures for the columns)."""
+        """Responsibilities [n_samples, n_series, max K]; ``series`` picks the mixtures for the columns."""
         lp = self._log_prob_samples(X, series)
         return np.exp(lp - _logsumexp(lp)[:, :, None]).transpose(1, 0, 2)
+
+    @classmethod
+    def from_sklearn(cls, models: Sequence, X: np.ndarray) -> GaussianMixture1D:
+        """Wrap fitted per-series ``sklearn.mixture.GaussianMixture`` models (1-D, fitted on the
+        columns of ``X``) in this class's attributes, components ordered by mean: the reference
+        implementation plugs into the same downstream code."""
+        X = np.asarray(X, dtype=np.float64)
+        kmax = max(m.n_components for m in models)
+        out = cls(sorted({m.n_components for m in models}))
+        b = len(models)
+        out.weights_, out.means_, out.covariances_ = (
+            np.zeros((b, kmax)),
+            np.zeros((b, kmax)),
+            np.ones((b, kmax)),
+        )
+        out.n_components_ = np.array([m.n_components for m in models])
+        for i, m in enumerate(models):
+            order = np.argsort(m.means_.ravel())
+            k = m.n_components
+            out.weights_[i, :k] = m.weights_[order]
+            out.means_[i, :k] = m.means_.ravel()[order]
+            out.covariances_[i, :k] = m.covariances_.ravel()[order]
+        out.converged_ = np.array([m.converged_ for m in models])
+        out.n_iter_ = np.array([m.n_iter_ for m in models])
+        out.lower_bound_ = np.array([m.lower_bound_ for m in models])
+        out.log_likelihood_ = np.array([m.score(X[:, [i]]) * X.shape[0] for i, m in enumerate(models)])
+        out.n_samples_ = X.shape[0]
+        return out
 
     def aic(self) -> np.ndarray:
         """AIC of the selected mixture per series on the fitted data (scikit-learn's ``aic(X)``)."""

@@ -40,7 +40,7 @@ def make_profile(
     poison_layers: int = 3,
     poison_shift: float = 4.0,
     n_templates: int = 8,
-    template_strength: float = 1.5,
+    template_strength: float = 1.0,
     n_outlier_heads: int = 6,
     confounded_head: bool = True,
     entropy_effect: str = "down",
@@ -48,7 +48,7 @@ def make_profile(
 ) -> SyntheticProfile:
     """A profile of ``n_samples`` with ``rate`` poisoned; poison moves the system-share logit by
     ``poison_shift`` (sign drawn per head) in ``n_poison_heads`` heads of the last ``poison_layers``
-    layers. Every head carries template and length structure; ``template_strength`` scales it (1.5
+    layers. Every head carries template and length structure; ``template_strength`` scales it (1.0
     gives clearly multimodal heads). ``entropy_effect`` ("down", "up", "none") is what the poison does
     to the vision-attention entropy (a patch trigger lowers it, a global trigger raises it).
     """

@@ -1,0 +1,188 @@
+"""TCAP and BYE filters on synthetic profiles with planted poison (tcapguard.synthetic)."""
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score, roc_auc_score
+
+from tcapguard.detection import BYEFilter, FilterConfig, TCAPFilter, find_poisoned_samples
+from tcapguard.detection_report import (
+    plot_head_mixtures,
+    plot_score_histogram,
+    plot_separation_heatmap,
+    report,
+    write_flagged_table,
+    write_report,
+)
+from tcapguard.synthetic import make_profile
+
+
+@pytest.fixture(scope="module")
+def poisoned():
+    return make_profile(rate=0.1, seed=1)
+
+
+@pytest.fixture(scope="module")
+def fitted(poisoned):
+    return TCAPFilter().fit(poisoned)
+
+
+@pytest.mark.parametrize(("rate", "seed"), [(0.01, 1), (0.05, 0), (0.05, 1), (0.1, 0), (0.1, 2)])
+def test_tcap_finds_planted_poison(rate, seed):
+    p = make_profile(rate=rate, seed=seed)
+    f = TCAPFilter().fit(p)
+    assert roc_auc_score(p.poisoned, f.scores_) >= 0.95
+    assert f1_score(p.poisoned, f.labels_) >= 0.9
+    # The seed head is one where the poison was planted.
+    assert tuple(f.heads_[0][:2]) in p.poison_heads
+
+
+def test_tcap_uses_heads_where_poison_goes_down_and_up(fitted, poisoned):
+    # The generator pushes the system share down in half of the poison heads and up in the others.
+    votes_on_poison = fitted.votes_[poisoned.poisoned].mean(axis=0)
+    chosen = [(lay, h) for lay, h, _ in fitted.heads_]
+    sides = []
+    for j, head in enumerate(chosen):
+        if head in poisoned.poison_heads and votes_on_poison[j] > 0.9:
+            x = fitted.head_values_[:, j]
+            sides.append(np.sign(x[poisoned.poisoned].mean() - x[~poisoned.poisoned].mean()))
+    assert {-1.0, 1.0} <= set(sides)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tcap_flags_nothing_on_a_clean_upload(seed):
+    f = TCAPFilter().fit(make_profile(rate=0.0, seed=seed))
+    assert f.n_flagged_ == 0
+    assert f.declined_ and f.decision_.startswith("declined")
+    assert f.threshold_ == 1.0
+
+
+def test_paper_rule_is_available_and_flags_template_structure():
+    # The paper's reading (target = all but the heaviest component, top heads by SS) on a clean
+    # upload with template structure: documents why it is not the default.
+    p = make_profile(rate=0.0, seed=0)
+    f = TCAPFilter(n_heads=4, n_layers=2, split_rule="paper", head_selection="top").fit(p)
+    assert len(f.heads_) == 4
+    assert all(lay >= 6 for lay, _, _ in f.heads_)
+    assert f.scores_.shape == (2000,)
+
+
+def test_one_thresholding_step(fitted):
+    np.testing.assert_array_equal(fitted.labels_, fitted.scores_ > fitted.threshold_)
+    assert fitted.n_flagged_ == fitted.labels_.sum()
+    assert fitted.head_scores_.shape == (8, 8)
+    assert fitted.votes_.shape == (2000, len(fitted.heads_))
+    rel = fitted.head_reliability_
+    assert rel["sensitivity"].shape == rel["specificity"].shape == (len(fitted.heads_),)
+    assert set(fitted.mixtures_) == {(lay, h) for lay, h, _ in fitted.heads_}
+
+
+def test_fixed_heads_and_layers(poisoned):
+    f = TCAPFilter(n_heads=2, n_layers=3).fit(poisoned)
+    assert len(f.heads_) == 2
+    assert all(lay >= 5 for lay, _, _ in f.heads_)
+    assert (f.head_scores_[:5] == 0).all()
+
+
+def test_bye_finds_patch_poison_and_declines_on_global_trigger():
+    p = make_profile(rate=0.1, seed=0, entropy_effect="down")
+    b = BYEFilter().fit(p)
+    assert f1_score(p.poisoned, b.labels_) >= 0.95
+    assert list(b.sensitive_layers_) == [6, 7]
+    np.testing.assert_array_equal(b.labels_, b.scores_ > b.threshold_)
+    flat = BYEFilter().fit(make_profile(rate=0.1, seed=0, entropy_effect="none"))
+    assert flat.n_flagged_ == 0 and flat.sensitive_layers_.size == 0 and flat.declined_
+
+
+def test_bye_never_flags_samples_without_image():
+    p = make_profile(rate=0.1, seed=0)
+    ent = p.vision_entropy.copy()
+    ent[np.flatnonzero(p.poisoned)[:5]] = np.nan
+    b = BYEFilter().fit(ent)
+    assert not b.labels_[np.flatnonzero(p.poisoned)[:5]].any()
+    assert b.labels_.sum() == p.poisoned.sum() - 5
+
+
+@pytest.mark.parametrize(
+    ("shares", "match"),
+    [
+        (np.full((100, 2, 2, 2), 0.5), r"\[n_samples, n_layers, n_heads, 3\]"),
+        (np.full((10, 2, 2, 3), 1 / 3), "at least 20 samples"),
+        (np.full((100, 2, 2, 3), 0.9), "summing to 1"),
+    ],
+)
+def test_tcap_rejects_bad_shares(shares, match):
+    with pytest.raises(ValueError, match=match):
+        TCAPFilter().fit(shares)
+
+
+def test_tcap_names_the_first_nan(poisoned):
+    shares = poisoned.shares.copy()
+    shares[7, 3, 2, 0] = np.nan
+    with pytest.raises(ValueError, match="sample 7, layer 3, head 2"):
+        TCAPFilter().fit(shares)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"feature": "audio"}, "feature"),
+        ({"n_layers": 9}, "n_layers"),
+        ({"n_heads": 0}, "n_heads"),
+        ({"min_poison_fraction": 0.5}, "min_poison_fraction"),
+    ],
+)
+def test_tcap_rejects_bad_options(poisoned, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TCAPFilter(**kwargs).fit(poisoned)
+
+
+def test_find_poisoned_samples_front_door(poisoned, fitted):
+    np.testing.assert_array_equal(find_poisoned_samples(poisoned), fitted.labels_)
+    assert find_poisoned_samples(poisoned, method="bye").sum() == poisoned.poisoned.sum()
+    with pytest.raises(ValueError, match="'tcap' or 'bye'"):
+        find_poisoned_samples(poisoned, method="spectral")
+
+
+def test_filter_config_round_trip(tmp_path):
+    cfg = FilterConfig(n_heads=6, n_layers=4, prior_strength=(1.0, 9.0))
+    path = cfg.save_pretrained(tmp_path)
+    body = json.loads(Path(path).read_text())
+    assert body["config_type"] == "FilterConfig" and "tcapguard_version" in body
+    back = FilterConfig.from_pretrained(tmp_path)
+    assert back == cfg
+    est = back.to_estimator()
+    assert isinstance(est, TCAPFilter) and est.n_heads == 6 and est.prior_strength == (1.0, 9.0)
+    assert isinstance(FilterConfig(method="bye").to_estimator(), BYEFilter)
+    with pytest.warns(UserWarning, match="unknown field"):
+        assert FilterConfig.from_dict({"n_heads": 3, "colour": "red"}).n_heads == 3
+    with pytest.raises(ValueError, match="method"):
+        FilterConfig(method="pca")
+    with pytest.raises(ValueError, match="split_rule"):
+        FilterConfig(split_rule="middle")
+
+
+def test_reports_and_plots(tmp_path, fitted):
+    for fn, name in [
+        (plot_score_histogram, "scores.png"),
+        (plot_separation_heatmap, "heads.png"),
+        (plot_head_mixtures, "mixtures.png"),
+    ]:
+        out = fn(fitted, tmp_path / name)
+        assert Path(out).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rep = json.loads(Path(write_report(fitted, tmp_path / "report.json")).read_text())
+    assert rep["n_flagged"] == fitted.n_flagged_ and len(rep["heads"]) == len(fitted.heads_)
+    assert {"sensitivity", "specificity", "layer", "head", "separation"} <= set(rep["heads"][0])
+    rows = Path(write_flagged_table(fitted, tmp_path / "flagged.csv")).read_text().splitlines()
+    assert rows[0] == "id,posterior,votes" and len(rows) == fitted.n_flagged_ + 1
+    assert float(rows[1].split(",")[1]) >= float(rows[-1].split(",")[1]) > 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bye = BYEFilter().fit(make_profile(rate=0.1, seed=0))
+    assert report(bye)["sensitive_layers"] == [6, 7]
+    plot_score_histogram(bye, tmp_path / "bye.png")
+    with pytest.raises(RuntimeError, match="not fitted"):
+        report(TCAPFilter())
