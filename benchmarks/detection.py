@@ -4,12 +4,13 @@
     .venv/bin/python benchmarks/detection.py --family llava gemma3 --attacks badnet text \\
         --rates 0.01 0.05 0.1 --seeds 0 1 2                                    # the issue's full grid
 
-Each cell is a tiny world (``tcapguard.tinyworld``: the clean base fine-tuned on the poisoned upload,
-the TCAP protocol's first step), its attention profile and both filters. Worlds and profiles are cached
+Each cell is a tiny world (``tcapguard.tinyworld``: the clean base fine-tuned on the poisoned
+upload, the TCAP protocol's first step), its attention profile and three filters: TCAP with its
+defaults, the paper's reading of TCAP (top 4 heads of the last 2 layers, target = every mixture
+component but the largest) and BYE. No parameter is tuned per cell. Worlds and profiles are cached
 (``TCAPGUARD_CACHE``), so a second sweep only fits the filters; a world not yet built costs ~2.5 min
 of fine-tuning on 2 idle cores. Rate 0 is the clean upload, where the right answer is "nothing
-flagged". The filters use their defaults: no parameter is tuned per cell. Results go to
-``benchmarks/results/detection.json``.
+flagged". Results go to ``benchmarks/results/detection.json``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ from tcapguard.tiny import TinyMLLMConfig
 from tcapguard.tinyworld import BaseSpec, WorldSpec, build_world, default_cache_dir
 
 ATTACKS = ("badnet", "blend", "sig", "wanet", "ftrojan", "text", "dual")
+FILTERS = {  # name -> a fresh, unfitted filter with its defaults (nothing is tuned per cell)
+    "tcap": TCAPFilter,
+    "tcap-paper": lambda: TCAPFilter(n_heads=4, n_layers=2, split_rule="paper", head_selection="top"),
+    "bye": BYEFilter,
+}
 
 
 def world_profile(family: str, attack: str | None, rate: float, seed: int, cache: Path):
@@ -89,30 +95,26 @@ def main() -> None:
         cells += [(f, None, 0.0, s) for f in args.family for s in args.seeds]
     rows = []
     print(
-        f"{'family':7s} {'attack':8s} {'rate':>5s} {'seed':>4s} | {'TCAP P':>6s} {'R':>5s} {'F1':>5s} "
-        f"{'AUROC':>5s} {'flag':>5s} | {'BYE P':>6s} {'R':>5s} {'F1':>5s} {'AUROC':>5s} {'flag':>5s}"
+        f"{'family':7s} {'attack':8s} {'rate':>5s} {'seed':>4s} | "
+        + " | ".join(f"{name:>10s}: F1 AUROC flagged" for name in FILTERS)
     )
     for family, attack, rate, seed in cells:
         profile, poisoned = world_profile(family, attack, rate, seed, cache)
-        tcap = score(TCAPFilter(), profile, poisoned)
-        bye = score(BYEFilter(), profile, poisoned)
-        rows.append(
-            {
-                "family": family,
-                "attack": attack or "clean",
-                "rate": rate,
-                "seed": seed,
-                "n_samples": len(profile),
-                "n_poisoned": len(poisoned),
-                "tcap": tcap,
-                "bye": bye,
-            }
-        )
+        row = {
+            "family": family,
+            "attack": attack or "clean",
+            "rate": rate,
+            "seed": seed,
+            "n_samples": len(profile),
+            "n_poisoned": len(poisoned),
+        }
+        row.update({name: score(make(), profile, poisoned) for name, make in FILTERS.items()})
+        rows.append(row)
+        cells_text = [
+            f"{'':>10s}  {fmt(row[n]['f1'])} {fmt(row[n]['auroc'])} {row[n]['n_flagged']:7d}" for n in FILTERS
+        ]
         print(
-            f"{family:7s} {attack or 'clean':8s} {rate:5.2f} {seed:4d} | "
-            f"{fmt(tcap['precision']):>6s} {fmt(tcap['recall'])} {fmt(tcap['f1'])} {fmt(tcap['auroc'])} "
-            f"{tcap['n_flagged']:5d} | {fmt(bye['precision']):>6s} {fmt(bye['recall'])} {fmt(bye['f1'])} "
-            f"{fmt(bye['auroc'])} {bye['n_flagged']:5d}",
+            f"{family:7s} {attack or 'clean':8s} {rate:5.2f} {seed:4d} | " + " | ".join(cells_text),
             flush=True,
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
