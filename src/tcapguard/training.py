@@ -42,13 +42,14 @@ AUGMENTATIONS = ("shuffle", "mask", "drop")
 
 @dataclass
 class RobustConfig:
-    """Patch cross-view regularisation (robust fine-tuning); defaults chosen on the tiny-world benchmark.
+    """Patch cross-view regularisation (robust fine-tuning); see the README for what the benchmark says.
 
     Every batch is run twice: on the original images and on a patch-augmented view (``augmentation``
     on a ``patch_ratio`` share of the vision patch grid). Per sample, ``d`` is the total-variation
     distance between the two views' next-token distributions, at the response token where they differ
-    most (0 = the views answer identically, 1 = disjoint). A backdoor's answer is abnormally invariant to
-    such non-semantic perturbations (the trigger survives them), a benign answer is not. With
+    most (0 = the views answer identically, 1 = disjoint). The premise (the paper's): a backdoor's answer
+    is abnormally invariant to such non-semantic perturbations (the trigger survives them), a benign
+    answer is not. With
     ``s = max(0, margin - d) / margin`` (the sample's invariance, in [0, 1]) the loss is::
 
         sum_i (1 - gate * s_i) * CE_i / n_tokens              (invariance-gated response CE)
@@ -59,9 +60,8 @@ class RobustConfig:
     (nats) of the original view's response-token distributions.
     """
 
-    augmentation: str = (
-        "shuffle"  # "shuffle" (permute the chosen patches), "mask" (image mean), "drop" (zeros)
-    )
+    # "shuffle" (permute the chosen patches), "mask" (fill with the image mean), "drop" (zeros)
+    augmentation: str = "shuffle"
     patch_ratio: float = 0.5  # share of the patch grid perturbed per image
     patch_size: int | None = None  # pixels; None = the vision tower's patch size (config.vision_config)
     margin: float = 0.5  # hinge margin on the TV distance; views further apart than this are left alone
