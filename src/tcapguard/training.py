@@ -386,7 +386,9 @@ class CrossViewRegularizer(torch.nn.Module):
         self._hook = None
 
     def attach(self, model) -> None:
-        self._model = model
+        # kept outside the module registry: as a submodule the model's parameters would be handed to
+        # the optimizer a second time through ``self.parameters()``
+        self.__dict__["_model"] = model
         if self.patch_size is None:
             self.patch_size = vision_patch_size(model)
         self._hook = model.register_forward_hook(lambda _m, _i, out: setattr(self, "_logits", out.logits))
@@ -395,7 +397,8 @@ class CrossViewRegularizer(torch.nn.Module):
         """Remove the hook and drop the references to the model (called by :func:`finetune` at the end)."""
         if self._hook is not None:
             self._hook.remove()
-        self._hook, self._model, self._logits = None, None, None
+        self._hook, self._logits = None, None
+        self.__dict__["_model"] = None
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self._model is None or self._logits is None:
