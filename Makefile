@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.tcapguard-installed
 TORCH ?= torch==2.13.0
 
-.PHONY: help demo test lint benchmark-world gallery clean
+.PHONY: help demo test lint benchmark-world benchmark-robust gallery clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ test: $(STAMP) ## run ruff and the whole test suite
 
 benchmark-world: $(STAMP) ## train the tiny world per attack and print clean accuracy / ASR
 	$(BIN)/python benchmarks/world.py
+
+benchmark-robust: $(STAMP) ## plain vs robust fine-tuning on the tiny world: clean accuracy, ASR, loss ablation
+	$(BIN)/python benchmarks/robust.py
 
 gallery: $(STAMP) ## render the trigger examples under docs/triggers
 	$(BIN)/python benchmarks/trigger_gallery.py

@@ -182,6 +182,19 @@ def test_finetune_lora_from_config_file_with_flag_overrides(tiny_models, vqa, tm
     assert (out_dir / "model.safetensors").is_file() and not (out_dir / "adapter_config.json").exists()
 
 
+def test_finetune_robust_flag_and_config_block(tiny_models, vqa, tmp_path, capsys):
+    out_dir = tmp_path / "robust"
+    argv = finetune_argv(tiny_models.path("llava"), vqa / "train.json", out_dir)
+    code, _, err = run(capsys, *argv, "--epochs", 0.5, "--batch-size", 10, "--robust")
+    assert code == 0, err
+    summary = json.loads((out_dir / "tcapguard_finetune.json").read_text())
+    assert summary["config"]["robust"]["augmentation"] == "shuffle" and set(summary["terms"]) >= {"entropy"}
+    config = tmp_path / "robust.json"
+    config.write_text(json.dumps({"robust": {"margin": 2.0}}))
+    code, _, err = run(capsys, *argv, "--config", config)
+    assert code == 2 and "RobustConfig.margin must be in (0, 1]" in err
+
+
 @pytest.mark.slow
 def test_finetune_lenient_skips_bad_records(tiny_models, bad_dataset, tmp_path, capsys, caplog):
     with caplog.at_level(logging.WARNING, logger="tcapguard"):

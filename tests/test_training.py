@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -478,6 +479,7 @@ def test_gate_switches_off_the_loss_of_fully_invariant_samples(tiny_models):
     robust = RobustConfig(gate=1.0, cross_view_weight=0.0, entropy_weight=0.0)
     regularizer = CrossViewRegularizer(robust)
     regularizer.attach(model)
+    assert not list(regularizer.parameters())  # the model is not a submodule: no parameter twice
     ce = model(**batch).loss
     correction = regularizer(batch)
     assert regularizer.last["cross_view_distance"] == 0.0 and regularizer.last["ce_weight"] == 0.0
@@ -496,12 +498,16 @@ def test_gate_switches_off_the_loss_of_fully_invariant_samples(tiny_models):
 def test_robust_finetune_runs_end_to_end(tiny_models, train_data, method, tmp_path):
     model, processor = tiny_models.load("llava")
     config = quick_config(method=method, lora_r=4, robust=RobustConfig(augmentation="mask"))
-    trained, result = finetune(model, processor, train_data, config, tmp_path / "robust")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trained, result = finetune(model, processor, train_data, config, tmp_path / "robust")
+    assert not [w for w in caught if "duplicate parameters" in str(w.message)]  # each parameter once
     assert len(result.losses) == 8 and all(torch.isfinite(torch.tensor(result.losses)))
     assert set(result.terms) == {"cross_view_distance", "invariance", "ce_weight", "entropy"}
     assert all(len(v) == 8 for v in result.terms.values())
     assert all(0.0 <= v <= 1.0 for v in result.terms["cross_view_distance"])
     assert not trained._forward_hooks  # the regulariser's hook is gone
+
     summary = json.loads((tmp_path / "robust" / "tcapguard_finetune.json").read_text())
     assert summary["config"]["robust"]["augmentation"] == "mask"
     assert FinetuneConfig.from_dict(summary["config"]) == config

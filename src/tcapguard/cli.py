@@ -72,6 +72,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     for name in ("method", "epochs", "batch_size", "learning_rate", "seed", "device", "lora_r"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
+    if args.robust and not settings.get("robust"):
+        settings["robust"] = {}  # RobustConfig defaults; a config file's "robust" block sets its fields
     config = FinetuneConfig.from_dict(settings)
     model, processor = load_model(args.model, device=config.device)
     dataset = load_dataset(args.data, strict=not args.lenient)
@@ -307,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu | cuda")
     p.add_argument("--lenient", action="store_true", help="skip bad records instead of failing")
+    p.add_argument(
+        "--robust",
+        action="store_true",
+        help="robust fine-tuning (patch cross-view regulariser, RobustConfig)",
+    )
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser(

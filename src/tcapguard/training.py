@@ -43,13 +43,14 @@ AUGMENTATIONS = ("shuffle", "mask", "drop")
 
 @dataclass
 class RobustConfig(StepConfig):
-    """Patch cross-view regularisation (robust fine-tuning); defaults chosen on the tiny-world benchmark.
+    """Patch cross-view regularisation (robust fine-tuning); see the README for what the benchmark says.
 
     Every batch is run twice: on the original images and on a patch-augmented view (``augmentation``
     on a ``patch_ratio`` share of the vision patch grid). Per sample, ``d`` is the total-variation
     distance between the two views' next-token distributions, at the response token where they differ
-    most (0 = the views answer identically, 1 = disjoint). A backdoor's answer is abnormally invariant to
-    such non-semantic perturbations (the trigger survives them), a benign answer is not. With
+    most (0 = the views answer identically, 1 = disjoint). The premise (the paper's): a backdoor's answer
+    is abnormally invariant to such non-semantic perturbations (the trigger survives them), a benign
+    answer is not. With
     ``s = max(0, margin - d) / margin`` (the sample's invariance, in [0, 1]) the loss is::
 
         sum_i (1 - gate * s_i) * CE_i / n_tokens              (invariance-gated response CE)
@@ -60,9 +61,8 @@ class RobustConfig(StepConfig):
     (nats) of the original view's response-token distributions.
     """
 
-    augmentation: str = (
-        "shuffle"  # "shuffle" (permute the chosen patches), "mask" (image mean), "drop" (zeros)
-    )
+    # "shuffle" (permute the chosen patches), "mask" (fill with the image mean), "drop" (zeros)
+    augmentation: str = "shuffle"
     patch_ratio: float = 0.5  # share of the patch grid perturbed per image
     patch_size: int | None = None  # pixels; None = the vision tower's patch size (config.vision_config)
     margin: float = 0.5  # hinge margin on the TV distance; views further apart than this are left alone
@@ -361,7 +361,9 @@ class CrossViewRegularizer(torch.nn.Module):
         self._hook = None
 
     def attach(self, model) -> None:
-        self._model = model
+        # kept outside the module registry: as a submodule the model's parameters would be handed to
+        # the optimizer a second time through ``self.parameters()``
+        self.__dict__["_model"] = model
         if self.patch_size is None:
             self.patch_size = vision_patch_size(model)
         self._hook = model.register_forward_hook(lambda _m, _i, out: setattr(self, "_logits", out.logits))
@@ -370,7 +372,8 @@ class CrossViewRegularizer(torch.nn.Module):
         """Remove the hook and drop the references to the model (called by :func:`finetune` at the end)."""
         if self._hook is not None:
             self._hook.remove()
-        self._hook, self._model, self._logits = None, None, None
+        self._hook, self._logits = None, None
+        self.__dict__["_model"] = None
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self._model is None or self._logits is None:
