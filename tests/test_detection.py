@@ -186,3 +186,22 @@ def test_reports_and_plots(tmp_path, fitted):
     plot_score_histogram(bye, tmp_path / "bye.png")
     with pytest.raises(RuntimeError, match="not fitted"):
         report(TCAPFilter())
+
+
+def test_responses_tell_a_backdoor_group_from_clean_structure():
+    """With the training responses, a group is poison only if it agrees on one answer: the planted
+    poison (one target) is found, and the same group with varied answers is declined."""
+    profile = make_profile(rate=0.1, seed=1)
+    target = np.where(profile.poisoned, "backdoor attack", "")
+    varied = np.array([f"answer {i % 7}" for i in range(len(profile.ids))], dtype=object)
+    with_target = TCAPFilter().fit(profile, responses=np.where(profile.poisoned, target, varied).tolist())
+    assert f1_score(profile.poisoned, with_target.labels_) >= 0.9
+    assert all(c["response_agreement"] >= 0.8 for c in with_target.candidates_ if c["eligible"])
+    without = TCAPFilter().fit(profile, responses=varied.tolist())
+    assert without.labels_.sum() == 0 and "agree on one response" in without.decision_
+
+
+def test_responses_must_match_the_profile():
+    profile = make_profile(n_samples=100, rate=0.1, seed=0)
+    with pytest.raises(ValueError, match="3 responses for a profile of 100"):
+        TCAPFilter().fit(profile, responses=["a", "b", "c"])

@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -128,6 +129,21 @@ def _check_shares(X: Any) -> tuple[list[str] | None, np.ndarray]:
     if ids is not None and len(ids) != n:
         raise ValueError(f"profile has {len(ids)} ids but {n} rows of shares")
     return ids, shares
+
+
+def _normalized_responses(responses: Sequence[str] | None, n: int) -> np.ndarray | None:
+    """Responses lower-cased with whitespace and punctuation at the ends dropped, as an array."""
+    if responses is None:
+        return None
+    if len(responses) != n:
+        raise ValueError(f"got {len(responses)} responses for a profile of {n} samples")
+    return np.array([" ".join(str(r).lower().split()).strip(" .!?,;:") for r in responses], dtype=object)
+
+
+def _agreement(answers: np.ndarray) -> float:
+    """Share of the group that gives the group's most common answer."""
+    _, counts = np.unique(answers.astype(str), return_counts=True)
+    return float(counts.max() / answers.size)
 
 
 def _minmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -300,6 +316,7 @@ class TCAPFilter(_PoisonFilter):
         min_support_auc: float = 0.9,
         min_heads: int = 3,
         max_footprint: float = 0.15,
+        min_response_agreement: float = 0.8,
         max_candidates: int = 32,
         vote_threshold: float = 0.5,
         prior_strength: tuple[float, float] = (1.0, 4.0),
@@ -326,6 +343,7 @@ class TCAPFilter(_PoisonFilter):
         self.min_support_auc = min_support_auc
         self.min_heads = min_heads
         self.max_footprint = max_footprint
+        self.min_response_agreement = min_response_agreement
         self.max_candidates = max_candidates
         self.vote_threshold = vote_threshold
         self.prior_strength = prior_strength
@@ -367,12 +385,24 @@ class TCAPFilter(_PoisonFilter):
                 raise ValueError(f"TCAPFilter.{name} must be in [0, 1), got {getattr(self, name)!r}")
         if not 0.5 <= self.min_support_auc <= 1 or not 0 < self.max_footprint <= 1:
             raise ValueError("TCAPFilter needs min_support_auc in [0.5, 1] and max_footprint in (0, 1]")
+        if not 0 < self.min_response_agreement <= 1:
+            raise ValueError(
+                f"TCAPFilter.min_response_agreement must be in (0, 1], got {self.min_response_agreement!r}"
+            )
         if self.min_heads < 1 or self.max_heads < 1 or self.max_candidates < 1:
             raise ValueError("TCAPFilter.min_heads, max_heads and max_candidates must be >= 1")
 
-    def fit(self, X: ProfileLike | np.ndarray) -> TCAPFilter:
-        """Fit on a Profile or a shares array [N, L, H, 3]; returns self."""
+    def fit(self, X: ProfileLike | np.ndarray, responses: Sequence[str] | None = None) -> TCAPFilter:
+        """Fit on a Profile or a shares array [N, L, H, 3]; returns self.
+
+        ``responses`` (the training responses, in profile order) switch the test that tells a
+        backdoor group from clean structure: a backdoor maps its samples to the attacker's one
+        target, so a candidate group must agree on one response (``min_response_agreement``),
+        while a group of clean samples (a question type, a query template) answers variously.
+        Without them the footprint rule (``max_footprint``) decides.
+        """
         self.ids_, shares = _check_shares(X)
+        answers = _normalized_responses(responses, shares.shape[0])
         n, n_layers, n_heads, _ = shares.shape
         self._check_params(n_layers)
         first = n_layers - (self.n_layers or n_layers)
@@ -409,7 +439,7 @@ class TCAPFilter(_PoisonFilter):
             self.head_support_ = np.ones(sel.size)
         else:
             every = shares.reshape(n, -1)  # all layers and shares: the footprint of a group
-            sel, votes, decline = self._seed_and_support(gm, values, every, split, order)
+            sel, votes, decline = self._seed_and_support(gm, values, every, split, order, answers)
         self.heads_ = [(int(first + i // n_heads), int(i % n_heads), float(sep[i])) for i in sel]
         self.mixtures_ = {
             (lay, h): {
@@ -473,7 +503,13 @@ class TCAPFilter(_PoisonFilter):
             ).fit(values)
 
     def _seed_and_support(
-        self, gm: GaussianMixture1D, values: np.ndarray, every: np.ndarray, split: dict, order: np.ndarray
+        self,
+        gm: GaussianMixture1D,
+        values: np.ndarray,
+        every: np.ndarray,
+        split: dict,
+        order: np.ndarray,
+        answers: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, str | None]:
         """Seed: the best-separated head whose target group other heads also separate, but not most.
 
@@ -504,7 +540,12 @@ class TCAPFilter(_PoisonFilter):
                 "support": int(support.size),
                 "footprint": footprint,
             }
-            row["eligible"] = bool(self.min_heads <= support.size and row["footprint"] <= self.max_footprint)
+            if answers is None:
+                distinct = row["footprint"] <= self.max_footprint
+            else:
+                row["response_agreement"] = _agreement(answers[group]) if group.any() else 0.0
+                distinct = row["response_agreement"] >= self.min_response_agreement
+            row["eligible"] = bool(self.min_heads <= support.size and distinct)
             self.candidates_.append(row)
             if not row["eligible"]:
                 continue
@@ -523,10 +564,15 @@ class TCAPFilter(_PoisonFilter):
             )
             return sel, votes, None
         self.head_support_ = np.zeros(0)
+        distinct = (
+            f"at most {self.max_footprint:.0%} of all head-shares of the model separate"
+            if answers is None
+            else f"whose samples agree on one response ({self.min_response_agreement:.0%})"
+        )
         reason = (
             f"declined: none of {cand.size} head(s) with SS >= {self.min_separation} has a target group "
-            f"that at least {self.min_heads} searched heads and at most {self.max_footprint:.0%} of all "
-            f"head-shares of the model separate (AUROC >= {self.min_support_auc})"
+            f"that at least {self.min_heads} searched heads separate (AUROC >= {self.min_support_auc}) and "
+            f"{distinct}"
         )
         return empty, np.zeros((n, 0), dtype=bool), reason
 
@@ -653,6 +699,8 @@ class FilterConfig:
     min_support_auc: float = 0.9
     min_heads: int = 3
     max_footprint: float = 0.15
+    min_response_agreement: float = 0.8
+    use_responses: bool = False  # pass the upload's responses to fit (see TCAPFilter.fit); measured in README
     vote_threshold: float = 0.5
     prior_strength: tuple[float, float] = (1.0, 4.0)
     max_uncertain: float = 0.05
@@ -681,7 +729,9 @@ class FilterConfig:
                 random_state=self.random_state,
             )
         opts = {
-            f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("method", "sigma_factor")
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in ("method", "sigma_factor", "use_responses")
         }
         return TCAPFilter(**opts)
 

@@ -303,7 +303,11 @@ def filter_samples(
     loaded = load_profile(profile)
     if loaded.ids != [r.id for r in dataset.records]:
         raise ValueError(f"{profile} profiles other records than {train} (ids differ); profile this upload")
-    estimator = config.to_estimator().fit(loaded)
+    estimator = config.to_estimator()
+    if config.use_responses and config.method == "tcap":
+        estimator.fit(loaded, responses=[r.response for r in dataset.records])
+    else:
+        estimator.fit(loaded)
     flagged = [i for i, f in zip(loaded.ids, estimator.labels_, strict=True) if f]
     clean = _portable(dataset.subset(flagged, exclude=True), dataset)
     paths = {
