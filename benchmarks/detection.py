@@ -5,8 +5,9 @@
         --rates 0.01 0.05 0.1 --seeds 0 1 2                                    # the issue's full grid
 
 Each cell is a tiny world (``tcapguard.tinyworld``: the clean base fine-tuned on the poisoned
-upload, the TCAP protocol's first step), its attention profile and three filters: TCAP with its
-defaults, the paper's reading of TCAP (top 4 heads of the last 2 layers, target = every mixture
+upload, the TCAP protocol's first step), its attention profile and four filters: TCAP with its
+defaults, TCAP given the upload's responses (a candidate group must agree on one answer), the
+paper's reading of TCAP (top 4 heads of the last 2 layers, target = every mixture
 component but the largest) and BYE. No parameter is tuned per cell. Worlds and profiles are cached
 (``TCAPGUARD_CACHE``), so a second sweep only fits the filters; a world not yet built costs ~2.5 min
 of fine-tuning on 2 idle cores. Rate 0 is the clean upload, where the right answer is "nothing
@@ -32,15 +33,19 @@ from tcapguard.tiny import TinyMLLMConfig
 from tcapguard.tinyworld import BaseSpec, WorldSpec, build_world, default_cache_dir
 
 ATTACKS = ("badnet", "blend", "sig", "wanet", "ftrojan", "text", "dual")
-FILTERS = {  # name -> a fresh, unfitted filter with its defaults (nothing is tuned per cell)
-    "tcap": TCAPFilter,
-    "tcap-paper": lambda: TCAPFilter(n_heads=4, n_layers=2, split_rule="paper", head_selection="top"),
-    "bye": BYEFilter,
+FILTERS = {  # name -> (a fresh filter with its defaults, whether fit gets the responses); no per-cell tuning
+    "tcap": (TCAPFilter, False),
+    "tcap+responses": (TCAPFilter, True),
+    "tcap-paper": (
+        lambda: TCAPFilter(n_heads=4, n_layers=2, split_rule="paper", head_selection="top"),
+        False,
+    ),
+    "bye": (BYEFilter, False),
 }
 
 
 def world_profile(family: str, attack: str | None, rate: float, seed: int, cache: Path):
-    """The world's profile (cached beside it) and its true poisoned ids."""
+    """The world's profile (cached beside it), the upload's responses and the true poisoned ids."""
     spec = WorldSpec(
         base=BaseSpec(model=TinyMLLMConfig(family=family)),
         attack=Attack.preset(attack) if attack else None,
@@ -51,12 +56,16 @@ def world_profile(family: str, attack: str | None, rate: float, seed: int, cache
     out = cache / f"profile-{world.root.name}"
     model, processor = load_model(world.model)  # profile_dataset skips finished shards
     profile_dataset(model, processor, world.load_train(), out, config=ProfileConfig(batch_size=32))
-    return load_profile(out), world.load_manifest().poisoned_ids
+    responses = [r.response for r in world.load_train().records]
+    return load_profile(out), responses, world.load_manifest().poisoned_ids
 
 
-def score(estimator, profile, poisoned: list[str]) -> dict:
+def score(estimator, profile, poisoned: list[str], responses: list[str] | None = None) -> dict:
     start = time.perf_counter()
-    estimator.fit(profile)
+    if responses is None:
+        estimator.fit(profile)
+    else:
+        estimator.fit(profile, responses=responses)
     seconds = time.perf_counter() - start
     metrics = detection_metrics(profile.ids, poisoned, flagged=estimator.labels_, scores=estimator.scores_)
     return {
@@ -99,7 +108,7 @@ def main() -> None:
         + " | ".join(f"{name:>10s}: F1 AUROC flagged" for name in FILTERS)
     )
     for family, attack, rate, seed in cells:
-        profile, poisoned = world_profile(family, attack, rate, seed, cache)
+        profile, responses, poisoned = world_profile(family, attack, rate, seed, cache)
         row = {
             "family": family,
             "attack": attack or "clean",
@@ -108,7 +117,12 @@ def main() -> None:
             "n_samples": len(profile),
             "n_poisoned": len(poisoned),
         }
-        row.update({name: score(make(), profile, poisoned) for name, make in FILTERS.items()})
+        row.update(
+            {
+                name: score(make(), profile, poisoned, responses if with_responses else None)
+                for name, (make, with_responses) in FILTERS.items()
+            }
+        )
         rows.append(row)
         cells_text = [
             f"{'':>10s}  {fmt(row[n]['f1'])} {fmt(row[n]['auroc'])} {row[n]['n_flagged']:7d}" for n in FILTERS

@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_make_tiny_model)
 
     p = sub.add_parser("demo", help="the main job on the embedded tiny world")
-    p.add_argument("--family", default="llava", choices=("llava", "gemma3"))
+    p.add_argument("--family", default="gemma3", choices=("llava", "gemma3"))
     p.add_argument("--attack", default="badnet")
     p.add_argument("--rate", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)

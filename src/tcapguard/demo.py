@@ -51,7 +51,7 @@ def demo_base(family: str) -> BaseSpec:
 def demo_config(
     work_dir: Path,
     *,
-    family: str = "llava",
+    family: str = "gemma3",
     attack: str = "badnet",
     rate: float = 0.1,
     seed: int = 0,
@@ -78,7 +78,9 @@ def demo_config(
         work_dir=str(work_dir / "runs"),
         probe=tuning,
         finetune=tuning,
-        filter=FilterConfig(),
+        # The response-agreement test: in this world the default (footprint) rule takes a question
+        # type for the poison group; see the README's detection section for both on every world.
+        filter=FilterConfig(use_responses=True),
         attacks=[Attack.preset(attack)],
         evaluation=EvaluationConfig(),
         gate=GatePolicy(max_asr=0.05, max_residual_asr=0.05, max_clean_drop=0.05),
@@ -90,7 +92,7 @@ def demo_config(
 
 def run_demo(
     *,
-    family: str = "llava",
+    family: str = "gemma3",
     attack: str = "badnet",
     rate: float = 0.1,
     seed: int = 0,
