@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q "$(TORCH)" -e ".[dev]"
 	touch $(STAMP)
 
-demo: $(STAMP) ## run the main job on the embedded default (tiny world, BadNet 10%)
+demo: $(STAMP) ## run the whole job on the embedded default (tiny Gemma3 world, BadNet 10%, local MLflow)
 	$(BIN)/tcapguard demo
 
 test: $(STAMP) ## run ruff and the whole test suite
