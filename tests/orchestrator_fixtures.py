@@ -1,7 +1,7 @@
 """A tiny pipeline config for the orchestrator tests (Kubeflow local runner, Airflow dag.test()).
 
-The same setting as test_pipeline.py's ``small_run``: a 24-record BadNet-poisoned upload on the small
-untrained tiny LLaVA, ``full`` fine-tuning for one epoch (the whole pipeline takes about 30 s). The
+Also test_pipeline.py's ``small_run``: a 24-record BadNet-poisoned upload on the small untrained
+tiny LLaVA, ``full`` fine-tuning for one epoch (the whole pipeline takes about 30 s). The
 models are untrained, so the verdict comes from the gate policy: ``PASSING`` checks only what any
 finished run meets, ``FAILING`` asks for a perfect clean score.
 """

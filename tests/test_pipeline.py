@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from orchestrator_fixtures import tiny_config
 from tcapguard import pipeline
 from tcapguard.attacks import Attack
 from tcapguard.data import DatasetError
@@ -98,35 +99,15 @@ def test_a_finished_step_is_reused_and_an_unfinished_one_recomputed(tmp_path):
 
 
 @pytest.fixture
-def small_run(tmp_path, tiny_models, monkeypatch):
+def small_run(tmp_path, tiny_models):
     """A pipeline config on the small untrained tiny LLaVA and a 24-record upload, local MLflow."""
-    from tcapguard import world
-    from tcapguard.attacks import poison_dataset
-    from tcapguard.data import load_dataset, save_dataset
-
-    data = world.write_vqa_world(tmp_path / "data", n_train=24, n_test=6, seed=0)
-    poisoned, manifest = poison_dataset(
-        load_dataset(data / "train.json"), Attack.preset("badnet"), rate=0.25, seed=0
+    settings = tiny_config(
+        tmp_path,
+        tiny_models.path("llava"),
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        registered_model="small",
     )
-    save_dataset(poisoned, data / "upload.json")
-    manifest.save(data / "manifest.json")
-    quick = {"method": "full", "epochs": 1, "batch_size": 8, "learning_rate": 1e-3}
-    settings = {
-        "model": {"source": str(tiny_models.path("llava"))},
-        "data": {
-            "train": str(data / "upload.json"),
-            "test": str(data / "test.json"),
-            "manifest": str(data / "manifest.json"),
-        },
-        "work_dir": str(tmp_path / "runs"),
-        "probe": quick,
-        "finetune": quick,
-        "profile": {"batch_size": 8, "shard_size": 8},
-        "attacks": ["badnet"],
-        "evaluate_probe": False,
-        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "registered_model": "small"},
-    }
-    return write_config(tmp_path, settings)
+    return write_config(tmp_path, {**settings, "evaluate_probe": False})
 
 
 def test_a_run_killed_after_profiling_resumes_without_recomputing_it(small_run, monkeypatch):

@@ -453,9 +453,9 @@ def _timed(step_dir: str, compute: Callable[[], dict[str, Any]]) -> dict[str, An
     return _cached(step_dir, with_seconds)
 
 
-def step_probe_finetune(config: PipelineConfig) -> dict[str, Any]:
+def step_probe_finetune(config: PipelineConfig, *, dirs: dict[str, str] | None = None) -> dict[str, Any]:
     """Fine-tune the base model on the upload (checked first, every bad record reported by id)."""
-    dirs = plan(config)
+    dirs = dirs or plan(config)  # run() plans once; a lone task plans for itself
 
     def compute() -> dict[str, Any]:
         upload = validated_upload(config.data, dirs["upload"])
@@ -467,9 +467,11 @@ def step_probe_finetune(config: PipelineConfig) -> dict[str, Any]:
     return _timed(dirs["probe-finetune"], compute)
 
 
-def step_profile(config: PipelineConfig, *, worker: int = 0, workers: int = 1) -> dict[str, Any]:
+def step_profile(
+    config: PipelineConfig, *, worker: int = 0, workers: int = 1, dirs: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Profile this worker's shards of the upload with the probe model (resumable shard by shard)."""
-    dirs = plan(config)
+    dirs = dirs or plan(config)  # run() plans once; a lone task plans for itself
     probe = _outputs(dirs["probe-finetune"])
     if is_finished(dirs["profile"]):
         return _outputs(dirs["profile"])
@@ -480,11 +482,11 @@ def step_profile(config: PipelineConfig, *, worker: int = 0, workers: int = 1) -
     return {"profile": dirs["profile"], "seconds": time.perf_counter() - start}
 
 
-def step_merge_profile(config: PipelineConfig) -> dict[str, Any]:
+def step_merge_profile(config: PipelineConfig, *, dirs: dict[str, str] | None = None) -> dict[str, Any]:
     """Check that every shard is there (parallel workers) and mark the profile finished."""
     from tcapguard.profiling import load_profile
 
-    dirs = plan(config)
+    dirs = dirs or plan(config)  # run() plans once; a lone task plans for itself
 
     def compute() -> dict[str, Any]:
         profile = load_profile(dirs["profile"])  # raises, naming the missing shards
@@ -493,9 +495,9 @@ def step_merge_profile(config: PipelineConfig) -> dict[str, Any]:
     return _cached(dirs["profile"], compute)
 
 
-def step_filter(config: PipelineConfig) -> dict[str, Any]:
+def step_filter(config: PipelineConfig, *, dirs: dict[str, str] | None = None) -> dict[str, Any]:
     """Flag and drop suspected poison; with the filter off, the whole upload goes on."""
-    dirs = plan(config)
+    dirs = dirs or plan(config)  # run() plans once; a lone task plans for itself
     probe = _outputs(dirs["probe-finetune"])
 
     def compute() -> dict[str, Any]:
@@ -531,9 +533,9 @@ def step_filter(config: PipelineConfig) -> dict[str, Any]:
     return _timed(dirs["filter"], compute)
 
 
-def step_finetune(config: PipelineConfig) -> dict[str, Any]:
+def step_finetune(config: PipelineConfig, *, dirs: dict[str, str] | None = None) -> dict[str, Any]:
     """Fine-tune the base model again, on the cleaned upload."""
-    dirs = plan(config)
+    dirs = dirs or plan(config)  # run() plans once; a lone task plans for itself
     clean = _outputs(dirs["filter"])["clean_train"]
     return _timed(
         dirs["finetune"],
@@ -541,11 +543,13 @@ def step_finetune(config: PipelineConfig) -> dict[str, Any]:
     )
 
 
-def step_evaluate(config: PipelineConfig, *, model: str = "final") -> dict[str, Any]:
+def step_evaluate(
+    config: PipelineConfig, *, model: str = "final", dirs: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Evaluate the final model (``model="final"``) or the probe model (``"probe"``: the "before")."""
     if model not in ("final", "probe"):
         raise ValueError(f"model must be 'final' or 'probe', got {model!r}")
-    dirs = plan(config)
+    dirs = dirs or plan(config)  # run() plans once; a lone task plans for itself
     name = "evaluate" if model == "final" else "evaluate-probe"
     filtered = _outputs(dirs["filter"])
     reference = None
@@ -572,18 +576,19 @@ def step_evaluate(config: PipelineConfig, *, model: str = "final") -> dict[str, 
     return _timed(dirs[name], compute)
 
 
-def step_gate(config: PipelineConfig) -> dict[str, Any]:
+def step_gate(config: PipelineConfig, *, dirs: dict[str, str] | None = None) -> dict[str, Any]:
     """Record the run in MLflow (parent run, a nested run per step), register the final model as a
     new version, and let the gate decide whether it takes the alias."""
     from tcapguard import tracking as tr
     from tcapguard.gate import run_gate
 
-    dirs = plan(config)
+    dirs = dirs or plan(config)  # run() plans once; a lone task plans for itself
 
     def compute() -> dict[str, Any]:
         upload = _outputs(dirs["probe-finetune"])["upload"]
         after = _outputs(dirs["evaluate"])["metrics"]
-        tags = {"tcapguard.dataset_sha256": file_key(upload), "tcapguard.version": __version__}
+        upload_key = file_key(upload)
+        tags = {"tcapguard.dataset_sha256": upload_key, "tcapguard.version": __version__}
         suite = ",".join(a.kind for a in config.attacks) or (
             "user-triggered" if config.data.triggered_test else "none"
         )
@@ -597,9 +602,7 @@ def step_gate(config: PipelineConfig) -> dict[str, Any]:
             finite = {k: v for k, v in after.items() if v is not None}
             tr.log_metrics(finite)
             final = _outputs(dirs["finetune"])["model"]
-            version_tags = tr.model_version_tags(
-                dataset_hash=file_key(upload), attack_suite=suite, metrics=finite
-            )
+            version_tags = tr.model_version_tags(dataset_hash=upload_key, attack_suite=suite, metrics=finite)
             with tempfile.TemporaryDirectory() as tmp:
                 if is_s3(final):  # MLflow logs local files: fetch the published model first
                     final = str(download_prefix(final, Path(tmp) / "model"))
@@ -648,7 +651,7 @@ STEP_FUNCTIONS: dict[str, Callable[..., dict[str, Any]]] = {
     "merge-profile": step_merge_profile,
     "filter": step_filter,
     "finetune": step_finetune,
-    "evaluate-probe": lambda config: step_evaluate(config, model="probe"),
+    "evaluate-probe": lambda config, **kwargs: step_evaluate(config, model="probe", **kwargs),
     "evaluate": step_evaluate,
     "gate": step_gate,
 }
@@ -696,7 +699,7 @@ def run(config: PipelineConfig, *, progress: Callable[[str], None] = log.info) -
             continue
         step_dir = dirs["profile" if name == "merge-profile" else name]
         progress(f"[{name}] {'reusing ' if is_finished(step_dir) else ''}{step_dir}")
-        outputs[name] = function(config)
+        outputs[name] = function(config, dirs=dirs)
     filtered = outputs["filter"]
     return RunResult(
         steps=dirs,
