@@ -23,7 +23,16 @@ from pathlib import Path
 
 from PIL import Image
 
-from tcapguard.storage import MissingObjectError, StorageError, atomic_write, is_s3, read_bytes
+from tcapguard.storage import (
+    MissingObjectError,
+    StorageError,
+    atomic_write,
+    exists,
+    is_s3,
+    join,
+    read_bytes,
+    write_bytes,
+)
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("human", "gpt")
@@ -278,17 +287,21 @@ def _image_problem(dataset: Dataset, record: Record) -> str | None:
     return None
 
 
-def save_dataset(dataset: Dataset, path: str | os.PathLike, *, image_dir: str | None = None) -> Path:
-    """Write ``dataset`` as a JSON list at ``path`` (local), atomically.
+def save_dataset(dataset: Dataset, path: str | os.PathLike, *, image_dir: str | None = None) -> Path | str:
+    """Write ``dataset`` as a JSON list at ``path`` (a local file or an ``s3://`` key), atomically.
 
     Images held in memory (``Record.pixels``) are written as PNG under ``image_dir`` next to the file
     (default ``<file stem>_images``), named by record id and content hash, so neither a poisoned copy
     saved beside the clean file nor a failed re-save ever changes an image a published file uses;
-    images on disk are referenced by a path relative to the new file when possible. The JSON file is
-    published last, so a crash never leaves a dataset that points at missing images.
+    images already stored are referenced by a path relative to the new file when both are local, else
+    by their absolute path or URI. The JSON file is published last, so a crash never leaves a dataset
+    that points at missing images.
     """
-    path = Path(path).resolve()
-    image_dir = image_dir or f"{path.stem}_images"
+    remote = is_s3(path)
+    path = str(path) if remote else Path(path).resolve()
+    parent = str(path).rsplit("/", 1)[0] if remote else path.parent
+    stem = Path(str(path).rsplit("/", 1)[-1]).stem
+    image_dir = image_dir or f"{stem}_images"
     out_records = []
     for record in dataset.records:
         rec = replace(record, pixels=None)
@@ -297,17 +310,20 @@ def save_dataset(dataset: Dataset, path: str | os.PathLike, *, image_dir: str | 
             record.pixels.convert("RGB").save(buf, format="PNG")
             digest = hashlib.sha1(buf.getvalue()).hexdigest()[:12]
             rel = f"{image_dir}/{_safe_name(record.id)}-{digest}.png"
-            if not (path.parent / rel).exists():
-                with atomic_write(path.parent / rel) as handle:
-                    handle.write(buf.getvalue())
+            target = join(parent, rel)
+            if not exists(target):
+                write_bytes(target, buf.getvalue())
             rec.image = rel
         elif record.image is not None:
             uri = dataset.image_uri(record)
-            rec.image = uri if is_s3(uri) else os.path.relpath(uri, path.parent)
+            rec.image = uri if is_s3(uri) or remote else os.path.relpath(uri, parent)
         out_records.append(rec.to_json())
-    with atomic_write(path, "w") as handle:
-        json.dump(out_records, handle, indent=1, ensure_ascii=False)
-        handle.write("\n")
+    if remote:
+        write_bytes(path, (json.dumps(out_records, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+    else:
+        with atomic_write(path, "w") as handle:
+            json.dump(out_records, handle, indent=1, ensure_ascii=False)
+            handle.write("\n")
     return path
 
 

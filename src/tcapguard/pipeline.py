@@ -20,7 +20,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -38,7 +38,6 @@ from tcapguard.training import FinetuneConfig
 
 log = logging.getLogger(__name__)
 
-STEPS = ("probe-finetune", "profile", "filter", "finetune", "evaluate", "gate")
 MARKER = "_tcapguard_step.json"
 
 
@@ -255,20 +254,19 @@ def profile_attention(
     model: str, train: str, out: str, config: ProfileConfig, *, worker: int = 0, workers: int = 1
 ) -> str:
     """Attention profile of every record of ``train`` under ``out`` (this worker's shards)."""
-    from tcapguard.profiling import profile_dataset
+    from tcapguard.profiling import n_shards, profile_dataset
 
     if not 0 <= worker < workers:
         raise ValueError(f"worker must be in [0, workers), got {worker} of {workers}")
     dataset = load_dataset(train)
     loaded, processor = _load(model, ModelSettings(source=model, device=config.device, dtype=config.dtype))
-    n_shards = max(1, -(-len(dataset) // config.shard_size))
     return profile_dataset(
         loaded,
         processor,
         dataset,
         out,
         config=config,
-        shards=range(worker, n_shards, workers),
+        shards=range(worker, n_shards(len(dataset), config.shard_size), workers),
         model_name=model,
     )
 
@@ -309,14 +307,13 @@ def filter_samples(
     else:
         estimator.fit(loaded)
     flagged = [i for i, f in zip(loaded.ids, estimator.labels_, strict=True) if f]
-    clean = _portable(dataset.subset(flagged, exclude=True), dataset)
     paths = {
         "clean_train": _join(out, "clean_train.json"),
         "detection": _join(out, "detection.json"),
         "report": _join(out, "report.json"),
         "flagged_table": _join(out, "flagged.csv"),
     }
-    _save_dataset_json(clean, paths["clean_train"])
+    save_dataset(dataset.subset(flagged, exclude=True), paths["clean_train"])
     detection = {
         "ids": loaded.ids,
         "flagged": [bool(f) for f in estimator.labels_],
@@ -353,20 +350,6 @@ def _filter_plots(estimator, dataset: Dataset, flagged: list[str], out: str, mod
             write_bytes(target, Path(path).read_bytes())
             published.append(target)
     return published
-
-
-def _portable(subset: Dataset, full: Dataset) -> Dataset:
-    """``subset`` with every image reference made absolute, so the file can live anywhere."""
-    records = [replace(r, image=full.image_uri(r)) if r.image else r for r in subset.records]
-    return Dataset(records, root=None)
-
-
-def _save_dataset_json(dataset: Dataset, uri: str) -> None:
-    if is_s3(uri):
-        lines = [json.dumps(r.to_json(), ensure_ascii=False) for r in dataset.records]
-        write_bytes(uri, ("[\n" + ",\n".join(lines) + "\n]\n").encode())
-    else:
-        save_dataset(dataset, uri)
 
 
 def evaluate_model(
@@ -725,7 +708,7 @@ def validated_upload(data: DataSettings, out_dir: str) -> str:
     for problem in dataset.problems:
         log.warning("skipping a bad record of %s: %s", data.train, problem)
     out = _join(out_dir, "train.json")
-    _save_dataset_json(_portable(dataset, dataset), out)
+    save_dataset(dataset, out)
     return out
 
 

@@ -400,6 +400,11 @@ class Profile:
         return len(self.ids)
 
 
+def n_shards(n_records: int, shard_size: int) -> int:
+    """How many shard files a dataset of ``n_records`` makes (at least one, for an empty dataset)."""
+    return max(1, math.ceil(n_records / shard_size))
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.npz"
 
@@ -429,7 +434,7 @@ def _meta(model, processor, dataset: Dataset, config: ProfileConfig, model_name:
         "dataset_fingerprint": dataset_fingerprint(dataset),
         "n_samples": len(dataset),
         "shard_size": config.shard_size,
-        "n_shards": max(1, math.ceil(len(dataset) / config.shard_size)),
+        "n_shards": n_shards(len(dataset), config.shard_size),
         "config": config.to_dict(),
     }
 
