@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerFast
 
 from tcapguard.data import Record, Turn
 from tcapguard.profiling import SYSTEM, TEXT, VISION, SegmentationError, segment
-from tcapguard.tiny import build_tokenizer
+from tcapguard.tiny import GEMMA3_SPECIAL_TOKENS, LLAVA_SPECIAL_TOKENS, build_tokenizer
 from tcapguard.training import render_prompt
 
 # ------------------------------------------------------------------------------------ real templates
@@ -302,7 +302,7 @@ class Family:
 
 
 def _llava15():
-    specials = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>", "image": "<image>"}
+    specials = LLAVA_SPECIAL_TOKENS
     tokenizer = _tokenizer(specials, {"image_token": "<image>"}, add_bos=True)
     clip = _pil("clip.image_processing_pil_clip", "CLIPImageProcessorPil")
     return transformers.LlavaProcessor(
@@ -316,7 +316,7 @@ def _llava15():
 
 
 def _llava_next():
-    specials = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>", "image": "<image>"}
+    specials = LLAVA_SPECIAL_TOKENS
     tokenizer = _tokenizer(specials, {"image_token": "<image>"}, add_bos=True)
     image_processor = _pil("llava_next.image_processing_pil_llava_next", "LlavaNextImageProcessorPil")(
         size={"shortest_edge": 28},
@@ -414,17 +414,7 @@ def _smolvlm():
 
 
 def _gemma3():
-    specials = {
-        "pad": "<pad>",
-        "eos": "<eos>",
-        "bos": "<bos>",
-        "unk": "<unk>",
-        "start_of_turn": "<start_of_turn>",
-        "end_of_turn": "<end_of_turn>",
-        "boi": "<start_of_image>",
-        "eoi": "<end_of_image>",
-        "image": "<image_soft_token>",
-    }
+    specials = GEMMA3_SPECIAL_TOKENS
     attributes = {
         "image_token": "<image_soft_token>",
         "boi_token": "<start_of_image>",
