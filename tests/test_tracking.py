@@ -219,3 +219,20 @@ def test_local_store_without_server(tmp_path, monkeypatch, fake_model):
         "model.safetensors",
         "processor_config.json",
     ]
+
+
+def test_an_explicit_sqlite_store_keeps_artifacts_beside_its_database(tmp_path, monkeypatch):
+    """Not in ./mlruns under the working directory (MLflow's default), which a later `mlflow ui`
+    started elsewhere could not find and which litters a checkout."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'db' / 'mlflow.db'}"
+    (tmp_path / "db").mkdir()
+    (tmp_path / "report.json").write_text("{}")
+    with tracking.pipeline_run("explicit", tracking_uri=uri) as run:
+        tracking.log_artifacts(tmp_path / "report.json", "reports")
+    location = tracking.client(uri).get_experiment_by_name("explicit").artifact_location
+    assert location == (tmp_path / "db" / "artifacts").as_uri()
+    assert (
+        tmp_path / "db" / "artifacts" / run.info.run_id / "artifacts" / "reports" / "report.json"
+    ).is_file()
+    assert not (tmp_path / "mlruns").exists()

@@ -139,8 +139,9 @@ def client(tracking_uri: str | None = None) -> MlflowClient:
 
 
 def ensure_experiment(name: str = DEFAULT_EXPERIMENT, *, tracking_uri: str | None = None) -> str:
-    """The id of experiment ``name``, created if missing (under the local artifact root for the
-    default local store, so artifacts land beside ``mlflow.db`` and not in ``./mlruns``)."""
+    """The id of experiment ``name``, created if missing. With a local sqlite store its artifacts go
+    to ``artifacts/`` beside the database file (MLflow's default is ``./mlruns`` under whatever the
+    working directory happens to be); a server decides for itself."""
     uri = resolve_tracking_uri(tracking_uri)
     mlflow_client = client(uri)
     experiment = mlflow_client.get_experiment_by_name(name)
@@ -148,7 +149,10 @@ def ensure_experiment(name: str = DEFAULT_EXPERIMENT, *, tracking_uri: str | Non
         if experiment.lifecycle_stage != "active":
             raise TrackingError(f"experiment {name!r} is deleted; restore it or choose another name")
         return experiment.experiment_id
-    location = (local_store_dir() / "artifacts").as_uri() if uri == default_tracking_uri() else None
+    location = None
+    if uri.startswith("sqlite:///"):
+        database = Path(uri[len("sqlite:///") :].split("?", 1)[0])
+        location = (database.resolve().parent / "artifacts").as_uri()
     return mlflow_client.create_experiment(name, artifact_location=location)
 
 
