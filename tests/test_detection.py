@@ -77,7 +77,8 @@ def test_one_thresholding_step(fitted):
     assert fitted.votes_.shape == (2000, len(fitted.heads_))
     rel = fitted.head_reliability_
     assert rel["sensitivity"].shape == rel["specificity"].shape == (len(fitted.heads_),)
-    assert set(fitted.mixtures_) == {(lay, h) for lay, h, _ in fitted.heads_}
+    assert len(fitted.mixtures_) == len(fitted.head_features_) == len(fitted.heads_)
+    assert fitted.features_ == ["system"] and {m["feature"] for m in fitted.mixtures_} == {"system"}
 
 
 def test_fixed_heads_and_layers(poisoned):
@@ -189,16 +190,28 @@ def test_reports_and_plots(tmp_path, fitted):
 
 
 def test_responses_tell_a_backdoor_group_from_clean_structure():
-    """With the training responses, a group is poison only if it agrees on one answer: the planted
-    poison (one target) is found, and the same group with varied answers is declined."""
+    """With the training responses, a flagged group is poison only if it shares one answer that the
+    rest of the upload does not give: the planted group with the attacker's target is found; the
+    same group with varied answers, or with an answer that is common outside it (a clean "two" of
+    counting questions), is declined."""
     profile = make_profile(rate=0.1, seed=1)
-    target = np.where(profile.poisoned, "backdoor attack", "")
-    varied = np.array([f"answer {i % 7}" for i in range(len(profile.ids))], dtype=object)
-    with_target = TCAPFilter().fit(profile, responses=np.where(profile.poisoned, target, varied).tolist())
+    n = len(profile.ids)
+    varied = np.array([f"answer {i % 7}" for i in range(n)], dtype=object)
+    with_target = TCAPFilter().fit(profile, responses=np.where(profile.poisoned, "backdoor attack", varied))
+    assert with_target.features_ == ["system", "vision", "text"]  # feature="auto" with responses
     assert f1_score(profile.poisoned, with_target.labels_) >= 0.9
-    assert all(c["response_agreement"] >= 0.8 for c in with_target.candidates_ if c["eligible"])
+    accepted = [c for c in with_target.candidates_ if c.get("accepted")]
+    assert len(accepted) == 1 and accepted[0]["response_agreement"] >= 0.8
+    assert accepted[0]["response_exclusivity"] >= 0.9
+
     without = TCAPFilter().fit(profile, responses=varied.tolist())
-    assert without.labels_.sum() == 0 and "agree on one response" in without.decision_
+    assert without.labels_.sum() == 0 and without.declined_
+    assert "do not agree on one response" in without.decision_
+
+    outside = ~profile.poisoned & (np.arange(n) % 3 == 0)  # as many "two"s again outside the group
+    common = np.where(profile.poisoned | outside, "two", varied)
+    shared = TCAPFilter().fit(profile, responses=common.tolist())
+    assert shared.labels_.sum() == 0 and "common outside them" in shared.decision_
 
 
 def test_responses_must_match_the_profile():

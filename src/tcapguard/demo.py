@@ -20,7 +20,6 @@ import yaml
 from tcapguard import world
 from tcapguard.attacks import Attack, poison_dataset
 from tcapguard.data import load_dataset, save_dataset
-from tcapguard.detection import FilterConfig
 from tcapguard.evaluation import EvaluationConfig
 from tcapguard.gate import GatePolicy
 from tcapguard.pipeline import (
@@ -78,9 +77,6 @@ def demo_config(
         work_dir=str(work_dir / "runs"),
         probe=tuning,
         finetune=tuning,
-        # The response-agreement test: in this world the default (footprint) rule takes a question
-        # type for the poison group; see the README's detection section for both on every world.
-        filter=FilterConfig(use_responses=True),
         attacks=[Attack.preset(attack)],
         evaluation=EvaluationConfig(),
         gate=GatePolicy(max_asr=0.05, max_residual_asr=0.05, max_clean_drop=0.05),

@@ -140,10 +140,17 @@ def _normalized_responses(responses: Sequence[str] | None, n: int) -> np.ndarray
     return np.array([" ".join(str(r).lower().split()).strip(" .!?,;:") for r in responses], dtype=object)
 
 
-def _agreement(answers: np.ndarray) -> float:
-    """Share of the group that gives the group's most common answer."""
-    _, counts = np.unique(answers.astype(str), return_counts=True)
-    return float(counts.max() / answers.size)
+def _response_signature(answers: np.ndarray, flags: np.ndarray) -> tuple[float, float]:
+    """(agreement, exclusivity) of the flagged samples' commonest response: the share of flagged
+    samples that give it, and the share of all samples giving it that are flagged."""
+    values, counts = np.unique(answers[flags].astype(str), return_counts=True)
+    top = values[counts.argmax()]
+    everywhere = int((answers.astype(str) == top).sum())
+    return float(counts.max() / flags.sum()), float(counts.max() / everywhere)
+
+
+def _uncertain_fraction(posterior: np.ndarray) -> float:
+    return float(((posterior > 0.1) & (posterior < 0.9)).mean())
 
 
 def _minmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -284,15 +291,23 @@ class TCAPFilter(_PoisonFilter):
         n_heads: heads that vote; an int, or "auto" (every supporting head, at most ``max_heads``;
             with ``head_selection="top"``, the largest drop in the sorted separation scores).
         n_layers: only the last ``n_layers`` layers are searched; None searches all of them.
-        feature: which share is modelled: "system" (the paper), "vision" or "text".
+        feature: which share is modelled: "system" (the paper), "vision", "text", "all" (each
+            head's three shares are separate columns) or "auto" (default: "all" when ``fit`` gets
+            the responses, else "system"). The anomaly shows in different shares per attack and
+            world (measured: a SIG backdoor in the vision share, a 5% text trigger in the text
+            share); the response test keeps the wider search precise, while without it the wider
+            search flagged clean uploads. "all" triples the mixture fits.
         split_rule: "extreme" (default) or "paper".
         head_selection: "support" (default) or "top" (the paper: top ``n_heads`` by SS).
         max_poison_fraction / min_poison_fraction: bounds on the target weight; the filter also
             declines when Dawid-Skene's poison prior exceeds ``max_poison_fraction``.
         min_separation: SS a head needs to seed a group (SS 20: 5% of the target mass overlaps).
         min_support_auc: AUROC at which another head counts as separating the seed's group.
-        min_heads: heads (seed included) that must separate the group; max_footprint: the largest
-            share of searched heads that may separate it (more is query-template structure).
+        min_heads: columns (seed included) that must separate the group; max_footprint: the largest
+            share of all head-share columns that may separate it (more is query-template structure;
+            used only when ``fit`` gets no responses).
+        min_response_agreement / min_response_exclusivity: with responses, the flagged samples
+            must share one response, and the samples giving it must be mostly flagged.
         vote_threshold: responsibility above which a head votes poisoned (the paper's tau).
         prior_strength: Beta(a, b) prior on the poison prior in Dawid-Skene.
         max_uncertain: decline when more than this share of samples has a posterior in (0.1, 0.9).
@@ -306,7 +321,7 @@ class TCAPFilter(_PoisonFilter):
         n_heads: int | str = "auto",
         n_layers: int | None = None,
         *,
-        feature: str = "system",
+        feature: str = "auto",
         split_rule: str = "extreme",
         head_selection: str = "support",
         max_heads: int = 16,
@@ -317,6 +332,7 @@ class TCAPFilter(_PoisonFilter):
         min_heads: int = 3,
         max_footprint: float = 0.15,
         min_response_agreement: float = 0.8,
+        min_response_exclusivity: float = 0.9,
         max_candidates: int = 32,
         vote_threshold: float = 0.5,
         prior_strength: tuple[float, float] = (1.0, 4.0),
@@ -344,6 +360,7 @@ class TCAPFilter(_PoisonFilter):
         self.min_heads = min_heads
         self.max_footprint = max_footprint
         self.min_response_agreement = min_response_agreement
+        self.min_response_exclusivity = min_response_exclusivity
         self.max_candidates = max_candidates
         self.vote_threshold = vote_threshold
         self.prior_strength = prior_strength
@@ -363,7 +380,7 @@ class TCAPFilter(_PoisonFilter):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TCAPFilter.{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
-        one_of("feature", tuple(FEATURES))
+        one_of("feature", (*FEATURES, "all", "auto"))
         one_of("split_rule", ("extreme", "paper"))
         one_of("head_selection", ("support", "top"))
         if not (self.n_heads == "auto" or (isinstance(self.n_heads, int) and self.n_heads >= 1)):
@@ -385,10 +402,9 @@ class TCAPFilter(_PoisonFilter):
                 raise ValueError(f"TCAPFilter.{name} must be in [0, 1), got {getattr(self, name)!r}")
         if not 0.5 <= self.min_support_auc <= 1 or not 0 < self.max_footprint <= 1:
             raise ValueError("TCAPFilter needs min_support_auc in [0.5, 1] and max_footprint in (0, 1]")
-        if not 0 < self.min_response_agreement <= 1:
-            raise ValueError(
-                f"TCAPFilter.min_response_agreement must be in (0, 1], got {self.min_response_agreement!r}"
-            )
+        for name in ("min_response_agreement", "min_response_exclusivity"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"TCAPFilter.{name} must be in (0, 1], got {getattr(self, name)!r}")
         if self.min_heads < 1 or self.max_heads < 1 or self.max_candidates < 1:
             raise ValueError("TCAPFilter.min_heads, max_heads and max_candidates must be >= 1")
 
@@ -397,16 +413,22 @@ class TCAPFilter(_PoisonFilter):
 
         ``responses`` (the training responses, in profile order) switch the test that tells a
         backdoor group from clean structure: a backdoor maps its samples to the attacker's one
-        target, so a candidate group must agree on one response (``min_response_agreement``),
-        while a group of clean samples (a question type, a query template) answers variously.
-        Without them the footprint rule (``max_footprint``) decides.
+        target, so the flagged samples must agree on one response that the rest of the upload
+        does not give (``_implausible``), while a group of clean samples (a question type, a query
+        template) answers variously or shares its answer with similar samples outside it. Without
+        them the footprint rule (``max_footprint``) decides.
         """
         self.ids_, shares = _check_shares(X)
         answers = _normalized_responses(responses, shares.shape[0])
         n, n_layers, n_heads, _ = shares.shape
         self._check_params(n_layers)
         first = n_layers - (self.n_layers or n_layers)
-        feat = shares[:, first:, :, FEATURES[self.feature]].reshape(n, -1).astype(np.float32)
+        feature = ("all" if answers is not None else "system") if self.feature == "auto" else self.feature
+        modelled = list(FEATURES) if feature == "all" else [feature]
+        self.features_ = modelled
+        m = len(modelled)
+        picked = [FEATURES[f] for f in modelled]
+        feat = shares[:, first:, :, picked].reshape(n, -1).astype(np.float32)  # (layer, head, share)
         values, flat = _minmax(feat)
         n_bins = (512 if n > 20000 else None) if self.n_bins == "auto" else self.n_bins
         ks = tuple(k for k in self.n_components if k <= n)
@@ -421,28 +443,35 @@ class TCAPFilter(_PoisonFilter):
         sep = split["separation"]
         sep[flat] = 0.0
         self.head_scores_ = np.zeros((n_layers, n_heads))
-        self.head_scores_[first:] = sep.reshape(-1, n_heads)
+        self.head_scores_[first:] = sep.reshape(-1, n_heads, m).max(axis=2)
         self.layers_searched_ = (first, n_layers)
         self.candidates_: list[dict] = []
         order = np.argsort(-sep, kind="stable")
 
         decline = None
+        ds: DawidSkeneResult | None = None
         if self.head_selection == "top":
             sel = order[: self.max_heads if self.n_heads == "auto" else self.n_heads]
             sel = sel[sep[sel] > 0]
             if self.n_heads == "auto" and sel.size > 1:
                 logs = np.log(sep[sel])
                 sel = sel[: int(np.argmax(logs[:-1] - logs[1:])) + 1]
-            if sel.size == 0:
-                decline = "declined: no head has a target/background split"
             votes = self._target_responsibility(gm, values, sel, split["target"]) > self.vote_threshold
             self.head_support_ = np.ones(sel.size)
+            if sel.size == 0:
+                decline = "declined: no head has a target/background split"
+            else:
+                ds = self._aggregate(votes)
+                decline = self._implausible(ds, None)
+                decline = decline and f"declined: {decline}"
         else:
             every = shares.reshape(n, -1)  # all layers and shares: the footprint of a group
-            sel, votes, decline = self._seed_and_support(gm, values, every, split, order, answers)
-        self.heads_ = [(int(first + i // n_heads), int(i % n_heads), float(sep[i])) for i in sel]
-        self.mixtures_ = {
-            (lay, h): {
+            sel, votes, ds, decline = self._seed_and_support(gm, values, every, split, order, answers)
+        self.heads_ = [(int(first + i // (n_heads * m)), int(i // m % n_heads), float(sep[i])) for i in sel]
+        self.head_features_ = [modelled[i % m] for i in sel]
+        self.mixtures_ = [
+            {
+                "feature": modelled[i % m],
                 "n_components": int(gm.n_components_[i]),
                 "weights": gm.weights_[i, : gm.n_components_[i]].tolist(),
                 "means": gm.means_[i, : gm.n_components_[i]].tolist(),
@@ -450,42 +479,70 @@ class TCAPFilter(_PoisonFilter):
                 "target": split["target"][i, : gm.n_components_[i]].tolist(),
                 "side": int(split["side"][i]),
             }
-            for (lay, h, _), i in zip(self.heads_, sel, strict=True)
-        }
+            for i in sel
+        ]
         self.head_values_ = values[:, sel].astype(np.float32)
         self.votes_ = votes
 
-        if sel.size == 0:
+        if ds is None:
             self.head_reliability_ = {"sensitivity": np.zeros(0), "specificity": np.zeros(0)}
             self.poison_prior_ = 0.0
             self.uncertain_fraction_ = 0.0
             self._finish(np.zeros(n), decline=decline or "declined: no head selected", decision="")
             return self
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds: DawidSkeneResult = dawid_skene(votes, prior_strength=self.prior_strength)
         self.dawid_skene_ = ds
         self.head_reliability_ = {"sensitivity": ds.sensitivity, "specificity": ds.specificity}
         self.poison_prior_ = ds.prior
-        post = ds.posterior
-        self.uncertain_fraction_ = float(((post > 0.1) & (post < 0.9)).mean())
-        if decline is None and ds.prior > self.max_poison_fraction:
-            decline = (
-                f"declined: Dawid-Skene puts {ds.prior:.1%} of samples in the poison class, above "
-                f"max_poison_fraction={self.max_poison_fraction}"
-            )
-        if decline is None and self.uncertain_fraction_ > self.max_uncertain:
-            decline = (
-                f"declined: posterior spread, {self.uncertain_fraction_:.1%} of samples between 0.1 "
-                f"and 0.9 (max_uncertain={self.max_uncertain})"
-            )
+        self.uncertain_fraction_ = _uncertain_fraction(ds.posterior)
         self._finish(
-            post,
+            ds.posterior,
             decline=decline,
-            decision=f"{int(_threshold(post, self.threshold).sum())} of {n} samples flagged by "
+            decision=f"{int(_threshold(ds.posterior, self.threshold).sum())} of {n} samples flagged by "
             f"{sel.size} head(s); poison prior {ds.prior:.2%}",
         )
         return self
+
+    def _aggregate(self, votes: np.ndarray) -> DawidSkeneResult:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return dawid_skene(votes, prior_strength=self.prior_strength)
+
+    def _implausible(self, ds: DawidSkeneResult, answers: np.ndarray | None) -> str | None:
+        """Why the aggregated verdict is not a backdoor group (None when it may be one).
+
+        Poison is a minority with a split posterior; with the responses, a backdoor also shows
+        its signature: the flagged samples give one answer (``min_response_agreement``) that
+        almost no one else in the upload gives (``min_response_exclusivity``). A clean group that
+        shares an answer (counting questions about two shapes: "two") fails the second test, since
+        the same answer is common outside it.
+        """
+        if ds.prior > self.max_poison_fraction:
+            return (
+                f"Dawid-Skene puts {ds.prior:.1%} of samples in the poison class "
+                f"(max_poison_fraction={self.max_poison_fraction})"
+            )
+        uncertain = _uncertain_fraction(ds.posterior)
+        if uncertain > self.max_uncertain:
+            return (
+                f"posterior spread, {uncertain:.1%} of samples between 0.1 and 0.9 "
+                f"(max_uncertain={self.max_uncertain})"
+            )
+        flags = _threshold(ds.posterior, self.threshold)
+        if not flags.any():
+            return "no sample above the threshold"
+        if answers is not None:
+            agreement, exclusivity = _response_signature(answers, flags)
+            if agreement < self.min_response_agreement:
+                return (
+                    f"flagged samples do not agree on one response ({agreement:.0%} give the "
+                    f"commonest; min_response_agreement={self.min_response_agreement})"
+                )
+            if exclusivity < self.min_response_exclusivity:
+                return (
+                    f"their response is common outside them (only {exclusivity:.0%} of the samples "
+                    f"giving it are flagged; min_response_exclusivity={self.min_response_exclusivity})"
+                )
+        return None
 
     def _fit_mixtures(self, values: np.ndarray, ks: tuple[int, ...], n_bins: int | None) -> GaussianMixture1D:
         """One mixture per head column, K chosen by ``criterion`` (a subclass may swap in a reference)."""
@@ -510,13 +567,16 @@ class TCAPFilter(_PoisonFilter):
         split: dict,
         order: np.ndarray,
         answers: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, np.ndarray, str | None]:
+    ) -> tuple[np.ndarray, np.ndarray, DawidSkeneResult | None, str | None]:
         """Seed: the best-separated head whose target group other heads also separate, but not most.
 
         Query-template structure moves the attention of nearly every head, so a template group is
         separable almost everywhere; a single odd head separates its group nowhere else; the
         backdoor sits in between. Voters: the seed (its mixture) and the supporting heads (one
-        Gaussian per class, fitted on the seed's group).
+        Gaussian per class, fitted on the seed's group). Candidates are tried in order of
+        separation; with responses the first whose aggregated verdict passes ``_implausible`` wins,
+        without them the first that passes the support and footprint tests decides. Every
+        candidate's outcome is kept in ``candidates_``.
         """
         n, c = values.shape
         sep = split["separation"]
@@ -526,35 +586,38 @@ class TCAPFilter(_PoisonFilter):
         sub = np.sort(rng.choice(n, size=min(n, 5000), replace=False))
         ranks = _column_ranks(every[sub])
         resp = self._target_responsibility(gm, values, cand, split["target"])
-        empty = np.zeros(0, dtype=np.int64)
+        self.head_support_ = np.zeros(0)
         for j, i in enumerate(cand):
             group = resp[:, j] > self.vote_threshold
             auc_all = _two_sided_auroc(ranks, group[sub])
-            footprint = float((auc_all >= self.min_support_auc).mean())
-            auc = auc_all.reshape(-1, 3)[-c:, FEATURES[self.feature]]  # the searched (last) layers
+            if len(self.features_) == 3:  # the modelled columns: every share of the searched (last) layers
+                auc = auc_all[-c:]
+            else:
+                auc = auc_all.reshape(-1, 3)[-c:, FEATURES[self.features_[0]]]
             support = np.flatnonzero(auc >= self.min_support_auc)
-            row = {
+            row: dict[str, Any] = {
                 "head": int(i),
                 "separation": float(sep[i]),
                 "n_target": int(group.sum()),
                 "support": int(support.size),
-                "footprint": footprint,
+                "footprint": float((auc_all >= self.min_support_auc).mean()),
             }
-            if answers is None:
-                distinct = row["footprint"] <= self.max_footprint
-            else:
-                row["response_agreement"] = _agreement(answers[group]) if group.any() else 0.0
-                distinct = row["response_agreement"] >= self.min_response_agreement
-            row["eligible"] = bool(self.min_heads <= support.size and distinct)
             self.candidates_.append(row)
-            if not row["eligible"]:
+            if support.size < self.min_heads:
+                row["rejected"] = (
+                    f"only {support.size} head(s) separate its group (min_heads={self.min_heads})"
+                )
+                continue
+            if answers is None and row["footprint"] > self.max_footprint:
+                row["rejected"] = (
+                    f"{row['footprint']:.0%} of all head-shares separate its group, query-template "
+                    f"structure (max_footprint={self.max_footprint})"
+                )
                 continue
             others = support[support != i]
             others = others[np.argsort(-auc[others], kind="stable")]
-            cap = (self.max_heads if self.n_heads == "auto" else self.n_heads) - 1
-            others = others[:cap]
+            others = others[: (self.max_heads if self.n_heads == "auto" else self.n_heads) - 1]
             sel = np.concatenate([[i], others]).astype(np.int64)
-            self.head_support_ = np.concatenate([[1.0], auc[others]])
             votes = np.concatenate(
                 [
                     group[:, None],
@@ -562,19 +625,34 @@ class TCAPFilter(_PoisonFilter):
                 ],
                 axis=1,
             )
-            return sel, votes, None
-        self.head_support_ = np.zeros(0)
-        distinct = (
-            f"at most {self.max_footprint:.0%} of all head-shares of the model separate"
-            if answers is None
-            else f"whose samples agree on one response ({self.min_response_agreement:.0%})"
+            ds = self._aggregate(votes)
+            flags = _threshold(ds.posterior, self.threshold)
+            row["n_flagged"] = int(flags.sum())
+            if answers is not None and flags.any():
+                row["response_agreement"], row["response_exclusivity"] = _response_signature(answers, flags)
+            reason = self._implausible(ds, answers)
+            if reason:
+                row["rejected"] = reason
+                if answers is None:  # no independent test of a verdict: do not shop for one that passes
+                    break
+                continue
+            row["accepted"] = True
+            self.head_support_ = np.concatenate([[1.0], auc[others]])
+            return sel, votes, ds, None
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, np.zeros((n, 0), dtype=bool), None, self._decline_reason(cand.size)
+
+    def _decline_reason(self, n_candidates: int) -> str:
+        if n_candidates == 0:
+            return f"declined: no head separates a minority group (SS >= {self.min_separation})"
+        tried = [c for c in self.candidates_ if "n_flagged" in c]  # reached a verdict
+        example = (tried or self.candidates_)[0]
+        return (
+            f"declined: none of {len(self.candidates_)} candidate group(s) (heads with SS >= "
+            f"{self.min_separation}) looks like a backdoor ({len(tried)} reached a verdict; each reason "
+            f"is in candidates_); e.g. the group of head-column {example['head']} "
+            f"({example['n_target']} samples): {example['rejected']}"
         )
-        reason = (
-            f"declined: none of {cand.size} head(s) with SS >= {self.min_separation} has a target group "
-            f"that at least {self.min_heads} searched heads separate (AUROC >= {self.min_support_auc}) and "
-            f"{distinct}"
-        )
-        return empty, np.zeros((n, 0), dtype=bool), reason
 
     @staticmethod
     def _target_responsibility(
@@ -689,7 +767,7 @@ class FilterConfig:
     method: str = "tcap"  # "tcap" or "bye"
     n_heads: int | str = "auto"
     n_layers: int | None = None
-    feature: str = "system"
+    feature: str = "auto"
     split_rule: str = "extreme"
     head_selection: str = "support"
     max_heads: int = 16
@@ -700,7 +778,8 @@ class FilterConfig:
     min_heads: int = 3
     max_footprint: float = 0.15
     min_response_agreement: float = 0.8
-    use_responses: bool = False  # pass the upload's responses to fit (see TCAPFilter.fit); measured in README
+    min_response_exclusivity: float = 0.9
+    use_responses: bool = True  # pass the upload's responses to fit (TCAPFilter.fit): README, The filter
     vote_threshold: float = 0.5
     prior_strength: tuple[float, float] = (1.0, 4.0)
     max_uncertain: float = 0.05

@@ -80,7 +80,7 @@ def plot_head_mixtures(filt: TCAPFilter, dest: str | Path, *, n_top: int = 4) ->
         axes[0, 0].set_axis_off()
     grid = np.linspace(0, 1, 400)
     for ax, (j, (layer, head, ss)) in zip(axes[0], enumerate(heads), strict=False):
-        mix = filt.mixtures_[(layer, head)]
+        mix = filt.mixtures_[j]
         ax.hist(filt.head_values_[:, j], bins=80, range=(0, 1), density=True, color="0.75")
         total = np.zeros_like(grid)
         for w, mu, var, is_target in zip(
@@ -92,7 +92,7 @@ def plot_head_mixtures(filt: TCAPFilter, dest: str | Path, *, n_top: int = 4) ->
         ax.plot(grid, total, color="k", lw=1, ls=":")
         ax.set(
             title=f"L{layer} H{head}  K={mix['n_components']}  SS={ss:.0f}",
-            xlabel=f"normalised {filt.feature} share",
+            xlabel=f"normalised {mix['feature']} share",
         )
     return _save(fig, dest)
 
@@ -121,6 +121,7 @@ def report(filt: TCAPFilter | BYEFilter) -> dict:
             {
                 "layer": lay,
                 "head": h,
+                "feature": filt.head_features_[j],
                 "separation": ss,
                 "support_auroc": float(filt.head_support_[j]),
                 "sensitivity": float(rel["sensitivity"][j]),
