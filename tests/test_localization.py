@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tcapguard import world
-from tcapguard.localization import attention_maps, hot_region, plot_overlays
+from tcapguard.localization import attention_maps, hot_region, plot_overlays, suspected_regions
 from tcapguard.tiny import FAMILIES
 
 
@@ -40,6 +40,16 @@ def test_hot_region_boxes_the_hot_corner():
     grid[0, 0] = 0.3  # a lone warm cell elsewhere is not connected to the peak
     assert hot_region(grid, (32, 32)) == (24, 24, 32, 32)
     assert hot_region(grid, (64, 48)) == (48, 36, 64, 48)  # scaled to a non-square image
+
+
+def test_suspected_regions_are_hot_regions_in_image_pixels(scenes):
+    grid = np.full((8, 8), 0.01)
+    grid[6:8, 6:8] = 0.5
+    record = scenes.records[0]
+    width, height = scenes.load_image(record).size
+    boxes = suspected_regions(scenes, {record.id: grid})
+    assert boxes == {record.id: hot_region(grid, (width, height))}
+    assert boxes[record.id][2:] == (width, height)  # the bottom-right corner, in the image's pixels
 
 
 def test_overlay_plot_is_written(scenes, tmp_path):

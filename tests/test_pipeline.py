@@ -218,14 +218,13 @@ def test_the_gate_fails_without_the_filter(demo_world_runs):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="known miss: in this world the filter's outcome depends on training numerics; the 2-thread "
-    "demo run flags the poison exactly (F1 1.00, gate passes), the single-thread run here has one "
-    "candidate head and declines (README, Detection: measured)",
-)
 def test_the_gate_passes_with_the_filter(demo_world_runs):
     config, guarded, _ = demo_world_runs
     assert guarded.passed, guarded.gate["reasons"]
     assert guarded.metrics_after["detection_f1"] >= 0.9
     assert guarded.metrics_after["asr"] <= config.gate.max_asr
+    # The flagged images' hot regions (regions.json) carry the trigger: pasted onto clean test images
+    # they fire the probe's backdoor (1.00 measured on the 2-thread demo world) and not the final model's.
+    assert Path(guarded.steps["filter"], "regions.json").exists()
+    assert guarded.metrics_before["residual_asr_paste"] >= 0.9
+    assert guarded.metrics_after["residual_asr_paste"] <= 0.05

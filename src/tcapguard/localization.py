@@ -107,6 +107,13 @@ def hot_region(grid: np.ndarray, image_size: tuple[int, int], *, relative: float
     )
 
 
+def suspected_regions(dataset: Dataset, maps: dict[str, np.ndarray]) -> dict[str, Box]:
+    """Per record id, the pixel box of ``hot_region`` on its image: the suspected trigger regions
+    that residual ASR pastes onto clean test images (``tcapguard.evaluation.residual_asr``)."""
+    by_id = {r.id: r for r in dataset.records}
+    return {i: hot_region(grid, dataset.load_image(by_id[i]).size) for i, grid in maps.items()}
+
+
 def plot_overlays(
     dataset: Dataset, maps: dict[str, np.ndarray], dest: str | Path, *, max_images: int = 12
 ) -> Path:

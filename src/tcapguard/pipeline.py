@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
+
 from tcapguard import __version__
 from tcapguard.attacks import Attack
 from tcapguard.config import StepConfig
@@ -278,6 +280,7 @@ class FilterResult:
     report: str  # JSON: parameters, selected heads, reliabilities, counts
     flagged_table: str  # CSV: id, posterior, votes
     plots: list[str]
+    regions: str | None  # JSON: suspected trigger region per localised flagged image (residual ASR)
     n_flagged: int
     n_samples: int
 
@@ -291,8 +294,9 @@ def filter_samples(
 ) -> FilterResult:
     """Fit the filter on ``profile``, write the cleaned upload and the reports under ``out``.
 
-    With ``model`` (the probe model) and a TCAP filter that selected heads, flagged image samples get
-    an overlay of where those heads look (a first localisation of the trigger).
+    With ``model`` (the probe model) and a TCAP filter that selected heads, flagged image samples
+    (the first ``MAX_LOCALISED``) are localised: where those heads look, as an overlay plot and as
+    suspected trigger regions (``regions.json``) for residual ASR's paste probes.
     """
     from tcapguard import detection_report
     from tcapguard.profiling import load_profile
@@ -323,11 +327,35 @@ def filter_samples(
     write_bytes(paths["detection"], json.dumps(detection).encode())
     detection_report.write_report(estimator, paths["report"])
     detection_report.write_flagged_table(estimator, paths["flagged_table"])
-    plots = _filter_plots(estimator, dataset, flagged, out, model)
-    return FilterResult(**paths, plots=plots, n_flagged=len(flagged), n_samples=len(dataset))
+    maps = _localise(estimator, dataset, flagged, model)
+    regions = None
+    if maps:
+        from tcapguard.localization import suspected_regions
+
+        regions = _join(out, "regions.json")
+        boxes = {i: list(box) for i, box in suspected_regions(dataset, maps).items()}
+        write_bytes(regions, json.dumps(boxes).encode())
+    plots = _filter_plots(estimator, dataset, maps, out)
+    return FilterResult(**paths, plots=plots, regions=regions, n_flagged=len(flagged), n_samples=len(dataset))
 
 
-def _filter_plots(estimator, dataset: Dataset, flagged: list[str], out: str, model: str | None) -> list[str]:
+#: Flagged image samples localised per run: enough paste probes for residual ASR at a bounded cost
+#: (one extra forward pass each through the probe model).
+MAX_LOCALISED = 64
+
+
+def _localise(estimator, dataset: Dataset, flagged: list[str], model: str | None) -> dict[str, np.ndarray]:
+    """Where the selected heads look in the first ``MAX_LOCALISED`` flagged images (id -> grid)."""
+    if not (model and flagged and getattr(estimator, "heads_", None)):
+        return {}
+    from tcapguard.localization import attention_maps
+
+    loaded, processor = _load(model)
+    heads = list(dict.fromkeys((layer, head) for layer, head, _ in estimator.heads_))[:4]
+    return attention_maps(loaded, processor, dataset, flagged[:MAX_LOCALISED], heads)
+
+
+def _filter_plots(estimator, dataset: Dataset, maps: dict[str, np.ndarray], out: str) -> list[str]:
     from tcapguard import detection_report
     from tcapguard.detection import TCAPFilter
 
@@ -337,13 +365,10 @@ def _filter_plots(estimator, dataset: Dataset, flagged: list[str], out: str, mod
             made.append(detection_report.plot_separation_heatmap(estimator, Path(tmp, "separation.png")))
             if estimator.heads_:
                 made.append(detection_report.plot_head_mixtures(estimator, Path(tmp, "head_mixtures.png")))
-            if model and estimator.heads_ and flagged:
-                from tcapguard.localization import attention_maps, plot_overlays
+        if maps:
+            from tcapguard.localization import plot_overlays
 
-                loaded, processor = _load(model)
-                heads = [(layer, head) for layer, head, _ in estimator.heads_[:4]]
-                maps = attention_maps(loaded, processor, dataset, flagged[:12], heads)
-                made.append(str(plot_overlays(dataset, maps, Path(tmp, "trigger_overlay.png"))))
+            made.append(str(plot_overlays(dataset, maps, Path(tmp, "trigger_overlay.png"))))
         published = []
         for path in made:
             target = _join(out, "plots", Path(path).name)
@@ -362,13 +387,15 @@ def evaluate_model(
     triggered_test: str | None = None,
     detection: str | None = None,
     train: str | None = None,
+    regions: str | None = None,
     manifest: str | None = None,
     reference_score: float | None = None,
 ) -> dict[str, float | None]:
     """Evaluate ``model``: clean score, ASR per attack of the suite (``asr`` = the worst), residual ASR
-    from the filter's ``detection`` over ``train``; reports under ``out``. Returns the metrics."""
+    from the filter's ``detection`` over ``train`` (with ``regions``, its paste probes too); reports
+    under ``out``. Returns the metrics."""
     from tcapguard.attacks import PoisonManifest, make_triggered_testset
-    from tcapguard.evaluation import attack_success_rate, evaluate, generate_responses
+    from tcapguard.evaluation import attack_success_rate, evaluate, generate_responses, load_regions
 
     loaded, processor = _load(model, ModelSettings(source=model, device=config.device))
     test_set = load_dataset(test)
@@ -382,6 +409,7 @@ def evaluate_model(
         attack=attacks[0] if attacks and not triggered_test else None,
         detection=Detection.load(detection) if detection else None,
         train=load_dataset(train) if train else None,
+        regions=load_regions(regions) if regions else None,
         manifest=PoisonManifest.load(manifest) if manifest else None,
         reference_score=reference_score,
     )
@@ -507,6 +535,7 @@ def step_filter(config: PipelineConfig, *, dirs: dict[str, str] | None = None) -
             "report": result.report,
             "flagged_table": result.flagged_table,
             "plots": result.plots,
+            "regions": result.regions,
             "n_flagged": result.n_flagged,
             "n_samples": result.n_samples,
             "metrics": {"flagged_fraction": result.flagged_fraction, "n_flagged": result.n_flagged},
@@ -550,6 +579,7 @@ def step_evaluate(
             triggered_test=config.data.triggered_test,
             detection=filtered["detection"],
             train=_outputs(dirs["probe-finetune"])["upload"] if filtered["detection"] else None,
+            regions=filtered.get("regions"),  # absent in outputs written before regions existed
             manifest=config.data.manifest,
             reference_score=reference,
         )
