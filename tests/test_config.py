@@ -6,12 +6,16 @@ import json
 
 import pytest
 
+from tcapguard.detection import FilterConfig
+from tcapguard.evaluation import EvaluationConfig
 from tcapguard.profiling import ProfileConfig
 from tcapguard.training import FinetuneConfig
 
 CONFIGS = [
     FinetuneConfig(method="lora", epochs=2, lora_r=8, extra={"note": "x"}),
     ProfileConfig(batch_size=4, shard_size=100, dtype="bfloat16"),
+    FilterConfig(n_heads=6, n_layers=4, prior_strength=(1.0, 9.0)),
+    EvaluationConfig(target="Backdoor Attack!", clean_metric="token_f1"),
 ]
 
 
@@ -25,7 +29,7 @@ def test_round_trip_through_a_json_file(config, tmp_path):
     assert type(config).from_pretrained(path) == config
 
 
-@pytest.mark.parametrize("cls", [FinetuneConfig, ProfileConfig])
+@pytest.mark.parametrize("cls", [FinetuneConfig, ProfileConfig, FilterConfig, EvaluationConfig])
 def test_unknown_keys_are_named(cls):
     with pytest.raises(ValueError, match=r"unknown \w+Config field\(s\) \['batchsize'\]"):
         cls.from_dict({"batchsize": 4})

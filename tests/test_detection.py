@@ -148,18 +148,10 @@ def test_find_poisoned_samples_front_door(poisoned, fitted):
         find_poisoned_samples(poisoned, method="spectral")
 
 
-def test_filter_config_round_trip(tmp_path):
-    cfg = FilterConfig(n_heads=6, n_layers=4, prior_strength=(1.0, 9.0))
-    path = cfg.save_pretrained(tmp_path)
-    body = json.loads(Path(path).read_text())
-    assert body["config_type"] == "FilterConfig" and "tcapguard_version" in body
-    back = FilterConfig.from_pretrained(tmp_path)
-    assert back == cfg
-    est = back.to_estimator()
+def test_filter_config_builds_the_configured_estimator():
+    est = FilterConfig(n_heads=6, prior_strength=[1.0, 9.0]).to_estimator()  # a list, as from JSON
     assert isinstance(est, TCAPFilter) and est.n_heads == 6 and est.prior_strength == (1.0, 9.0)
     assert isinstance(FilterConfig(method="bye").to_estimator(), BYEFilter)
-    with pytest.warns(UserWarning, match="unknown field"):
-        assert FilterConfig.from_dict({"n_heads": 3, "colour": "red"}).n_heads == 3
     with pytest.raises(ValueError, match="method"):
         FilterConfig(method="pca")
     with pytest.raises(ValueError, match="split_rule"):

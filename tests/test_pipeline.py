@@ -51,6 +51,11 @@ def test_round_trip_through_to_dict(tmp_path):
         ({"probe": {"epocs": 1}}, r"probe: unknown FinetuneConfig field\(s\) \['epocs'\]"),
         ({"gate": {"max_asr": "low"}}, r"gate: "),
         ({"filter": {"method": "magic"}}, r"filter: .*method"),
+        ({"filter": {"max_posion_fraction": 0.1}}, r"filter: unknown FilterConfig field\(s\) \['max_posion"),
+        (
+            {"evaluation": {"batchsize": 8}},
+            r"evaluation: unknown EvaluationConfig field\(s\) \['batchsize'\]",
+        ),
         ({"attacks": [{"kind": "laser"}]}, r"attacks: "),
         ({"model": {"source": ""}}, r"model: source is required"),
         ({"profile": []}, r"profile: expected a mapping"),

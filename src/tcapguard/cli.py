@@ -157,7 +157,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from tcapguard.evaluation import Detection, EvaluationConfig, evaluate, load_regions
     from tcapguard.models import load_model
 
-    settings = EvaluationConfig.load(args.config).to_dict() if args.config else {}
+    settings = EvaluationConfig.from_pretrained(args.config).to_dict() if args.config else {}
     for name in ("target", "clean_metric", "batch_size", "max_new_tokens", "device"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)

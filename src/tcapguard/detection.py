@@ -38,19 +38,16 @@ flagged.
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 import numpy as np
 
-from tcapguard import __version__
+from tcapguard.config import StepConfig
 from tcapguard.mixtures import GaussianMixture1D
-from tcapguard.storage import read_bytes, write_bytes
 from tcapguard.voting import DawidSkeneResult, dawid_skene
 
 log = logging.getLogger(__name__)
@@ -758,8 +755,8 @@ class BYEFilter(_PoisonFilter):
 
 
 @dataclass
-class FilterConfig:
-    """Options of the filter stage, saved as one JSON (``save_pretrained``/``from_pretrained``).
+class FilterConfig(StepConfig):
+    """Options of the filter stage (``StepConfig``: JSON round trip, unknown keys refused).
 
     Fields mirror ``TCAPFilter`` (and ``BYEFilter`` for ``method="bye"``); see their docstrings.
     """
@@ -789,8 +786,6 @@ class FilterConfig:
     n_bins: int | str | None = "auto"
     random_state: int | None = 0
 
-    FILE = "filter_config.json"
-
     def __post_init__(self) -> None:
         if self.method not in ("tcap", "bye"):
             raise ValueError(f"FilterConfig.method must be 'tcap' or 'bye', got {self.method!r}")
@@ -813,32 +808,6 @@ class FilterConfig:
             if f.name not in ("method", "sigma_factor", "use_responses")
         }
         return TCAPFilter(**opts)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> FilterConfig:
-        """A config from JSON-style settings; unknown keys warn and are ignored."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known - {"config_type", "tcapguard_version"})
-        if unknown:
-            warnings.warn(f"FilterConfig: ignoring unknown field(s) {unknown}", UserWarning, stacklevel=2)
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def save_pretrained(self, directory: str | Path) -> str:
-        """Write ``filter_config.json`` (type and tcapguard version included) under ``directory``."""
-        target = f"{str(directory).rstrip('/')}/{self.FILE}"
-        body = {"config_type": type(self).__name__, "tcapguard_version": __version__, **self.to_dict()}
-        write_bytes(target, (json.dumps(body, indent=2) + "\n").encode())
-        return target
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> FilterConfig:
-        data = json.loads(read_bytes(f"{str(directory).rstrip('/')}/{cls.FILE}"))
-        if data.get("config_type", cls.__name__) != cls.__name__:
-            raise ValueError(f"{directory}/{cls.FILE} holds a {data['config_type']}, not a {cls.__name__}")
-        return cls.from_dict(data)
 
 
 def find_poisoned_samples(

@@ -21,10 +21,9 @@ import json
 import math
 import re
 import unicodedata
-import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 
 from tcapguard import __version__
 from tcapguard.attacks import Attack, PoisonManifest, make_triggered_testset
+from tcapguard.config import StepConfig
 from tcapguard.data import Dataset, Record
 from tcapguard.runtime import tune_cpu_allocator
 from tcapguard.storage import read_bytes, write_bytes
@@ -291,7 +291,7 @@ def _check_box(box: object, where: str) -> Box:
 
 
 @dataclass
-class EvaluationConfig:
+class EvaluationConfig(StepConfig):
     """How to evaluate. The target comes from here, else from the attack, else from the manifest."""
 
     target: str | None = None  # the attacker's response, for asr/asr_exact (unknown: ASR is not computed)
@@ -311,30 +311,6 @@ class EvaluationConfig:
                 raise ValueError(f"EvaluationConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.target is not None and not normalize(self.target):
             raise ValueError(f"EvaluationConfig.target {self.target!r} is empty after normalisation")
-
-    def to_dict(self) -> dict:
-        return {"type": "EvaluationConfig", "tcapguard_version": __version__, **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> EvaluationConfig:
-        """From :meth:`to_dict` output or plain settings; unknown keys warn (they may come from a newer
-        version) and are ignored."""
-        data = {k: v for k, v in data.items() if k not in ("type", "tcapguard_version")}
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            warnings.warn(f"EvaluationConfig: ignoring unknown field(s) {unknown}", stacklevel=2)
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-    def save(self, uri: str | Path) -> None:
-        write_bytes(uri, (json.dumps(self.to_dict(), indent=1) + "\n").encode())
-
-    @classmethod
-    def load(cls, uri: str | Path) -> EvaluationConfig:
-        try:
-            return cls.from_dict(json.loads(read_bytes(uri)))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{uri}: not JSON: {err}") from err
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -579,7 +555,7 @@ class EvaluationReport:
             "counts": dict(self.counts),
             "target": self.target,
             "suspected_target": self.suspected_target,
-            "config": self.config.to_dict(),
+            "config": {"type": "EvaluationConfig", "tcapguard_version": __version__, **self.config.to_dict()},
             "inputs": dict(self.inputs),
             "notes": list(self.notes),
         }
