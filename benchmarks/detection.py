@@ -5,9 +5,10 @@
         --rates 0.01 0.05 0.1 --seeds 0 1 2                                    # the issue's full grid
 
 Each cell is a tiny world (``tcapguard.tinyworld``: the clean base fine-tuned on the poisoned
-upload, the TCAP protocol's first step), its attention profile and four filters: TCAP with its
-defaults, TCAP given the upload's responses (a candidate group must agree on one answer), the
-paper's reading of TCAP (top 4 heads of the last 2 layers, target = every mixture
+upload, the TCAP protocol's first step), its attention profile and four filters: TCAP on the profile
+alone, TCAP given the upload's responses (the pipeline's default: the flagged samples must share one
+response that the rest of the upload does not give; all three shares of every head), the paper's
+reading of TCAP (top 4 heads of the last 2 layers, target = every mixture
 component but the largest) and BYE. No parameter is tuned per cell. Worlds and profiles are cached
 (``TCAPGUARD_CACHE``), so a second sweep only fits the filters; a world not yet built costs ~2.5 min
 of fine-tuning on 2 idle cores. Rate 0 is the clean upload, where the right answer is "nothing

@@ -21,13 +21,17 @@ structure makes clean heads multimodal; a clean upload got two thirds of its sam
   background is measured relative to the target's own mass (the share of target mass the background
   could explain), so a tiny component does not win by being tiny. Each head picks its own side, so
   poison may push the system share down in one head and up in another.
-- ``head_selection="agreement"``: poison heads flag the same samples, heads split by query template
-  or by a few outliers mostly do not. Among well-separated heads, the filter keeps the largest group
-  whose votes agree (Cohen's kappa >= ``min_agreement``) and declines when fewer than ``min_heads``
-  heads agree.
+- ``head_selection="support"``: a well-separated column (SS >= ``min_separation``) seeds a group,
+  which needs ``min_heads`` columns that separate the same samples (AUROC >= ``min_support_auc``);
+  those columns vote. A single odd head separates its group nowhere else; without responses, a
+  group that more than ``max_footprint`` of all columns separate is taken for template structure.
 - Dawid-Skene with a Beta prior on the poison prior, and a final check that declines when the
   estimated poison fraction exceeds ``max_poison_fraction`` or when the posterior is spread rather
   than split (more than ``max_uncertain`` of the samples between 0.1 and 0.9).
+- with the upload's responses (``fit(profile, responses)``, the pipeline's default) a verdict must
+  also show a backdoor's signature: the flagged samples share one response that the rest of the
+  upload does not give. Candidates are tried in order of separation until one does, and all three
+  shares of every head are modelled (``feature="auto"``).
 The paper's own reading stays available (``split_rule="paper"``, ``head_selection="top"``).
 
 BYE (NeurIPS 2025): per layer a 2-component mixture of the vision-attention entropy; a layer is
@@ -230,20 +234,6 @@ def split_components(
             out["overlap"][r] = ov[better]
             out["separation"][r] = sep[better]
     return out
-
-
-def cohen_kappa_matrix(votes: np.ndarray) -> np.ndarray:
-    """Pairwise Cohen's kappa between the binary vote columns of ``votes`` [N, J]."""
-    v = votes.astype(np.float64)
-    n = v.shape[0]
-    p = v.mean(axis=0)
-    both = v.T @ v / n
-    neither = (1 - v).T @ (1 - v) / n
-    po = both + neither
-    pe = np.outer(p, p) + np.outer(1 - p, 1 - p)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        kappa = (po - pe) / (1 - pe)
-    return np.nan_to_num(kappa, nan=0.0)
 
 
 def _column_ranks(x: np.ndarray) -> np.ndarray:
