@@ -8,10 +8,11 @@
 
 (a) "plain" is the poisoned world's own fine-tune (the cached world of ``tcapguard.tinyworld``);
 every other variant fine-tunes the same clean base on the same poisoned upload with the same recipe
-plus ``FinetuneConfig.robust``. Robust models are cached by content hash next to the worlds
-(``TCAPGUARD_CACHE``), so a second run only evaluates. Rows are appended to the JSON results file
-as they finish (``--out``, default ``benchmarks/results/robust.json``); a row with the same key replaces
-the old one.
+plus ``FinetuneConfig.robust``; (c) "tcap" and (d) "tcap+robust" first drop what the pipeline's
+default filter flags (``FilterConfig()`` on the world's profile, given the upload's responses).
+Robust and filtered models are cached by content hash next to the worlds (``TCAPGUARD_CACHE``), so a
+second run only evaluates. Rows are appended to the JSON results file as they finish (``--out``,
+default ``benchmarks/results/robust.json``); a row with the same key replaces the old one.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from pathlib import Path
 import torch
 
 from tcapguard.attacks import Attack, make_triggered_testset
+from tcapguard.detection import FilterConfig
 from tcapguard.evaluation import attack_success_rate, exact_match, generate_responses
 from tcapguard.models import load_model
+from tcapguard.profiling import ProfileConfig, load_profile, profile_dataset
 from tcapguard.storage import publish_directory
 from tcapguard.tiny import TinyMLLMConfig
 from tcapguard.tinyworld import BaseSpec, WorldSpec, build_world, default_cache_dir
@@ -42,7 +45,10 @@ VARIANTS: dict[str, dict | None] = {
     "no_entropy": {"entropy_weight": 0.0},  # gated CE + hinge
     "gate_only": {"cross_view_weight": 0.0, "entropy_weight": 0.0},
     "mask": {"augmentation": "mask"},  # augmentation operator
+    "tcap": None,  # (c) the filter, then plain fine-tuning
+    "tcap+robust": {},  # (d) the filter, then robust fine-tuning
 }
+FILTERED = {"tcap", "tcap+robust"}
 
 
 def _value(text: str) -> object:
@@ -52,16 +58,33 @@ def _value(text: str) -> object:
         return text
 
 
-def robust_model(spec: WorldSpec, world, robust: RobustConfig, cache: Path) -> tuple[Path, float]:
-    """The base fine-tuned on the world's poisoned upload with ``robust`` (cached by content hash)."""
+def flagged_ids(world, cache: Path) -> list[str]:
+    """What the pipeline's default filter flags in the world's upload (profile cached beside it)."""
+    train = world.load_train()
+    out = cache / f"profile-{world.root.name}"
+    model, processor = load_model(world.model)
+    profile_dataset(model, processor, train, out, config=ProfileConfig(batch_size=32))
+    profile = load_profile(out)
+    estimator = FilterConfig().to_estimator().fit(profile, responses=[r.response for r in train.records])
+    return [i for i, flag in zip(profile.ids, estimator.labels_, strict=True) if flag]
+
+
+def robust_model(
+    spec: WorldSpec, world, robust: RobustConfig | None, cache: Path, drop: list[str] | None = None
+) -> tuple[Path, float]:
+    """The base fine-tuned on the world's poisoned upload, less ``drop``, with ``robust`` (None:
+    plain); cached by content hash."""
     config = replace(spec.finetune, robust=robust, num_threads=None)
-    blob = json.dumps({"world": str(world.root.name), "finetune": asdict(config)}, sort_keys=True)
+    identity = {"world": str(world.root.name), "finetune": asdict(config)}
+    if drop is not None:  # (models cached before filtered variants existed keep their key)
+        identity["drop"] = sorted(drop)
+    blob = json.dumps(identity, sort_keys=True)
     final = cache / f"robust-{world.root.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
     if not (final / "config.json").exists():
         model, processor = load_model(world.base)
 
         def build(tmp: Path) -> None:
-            finetune(model, processor, world.load_train(), config, tmp)
+            finetune(model, processor, world.load_train().subset(drop or [], exclude=True), config, tmp)
 
         publish_directory(final, build)
     log = json.loads((final / "tcapguard_finetune.json").read_text())
@@ -112,7 +135,11 @@ def main() -> None:
                     triggered = make_triggered_testset(test, attack)
                     for variant in args.variants:
                         start = time.perf_counter()
-                        if VARIANTS[variant] is None:
+                        drop = flagged_ids(world, cache) if variant in FILTERED else None
+                        if drop is not None:
+                            robust = None if VARIANTS[variant] is None else RobustConfig(**overrides)
+                            model_dir, seconds = robust_model(spec, world, robust, cache, drop)
+                        elif VARIANTS[variant] is None:
                             model_dir = world.model
                             seconds = json.loads((model_dir / "tcapguard_finetune.json").read_text())[
                                 "seconds"
@@ -130,6 +157,7 @@ def main() -> None:
                             "seed": seed,
                             "variant": name,
                             "robust": asdict(robust) if robust else None,
+                            "n_dropped": len(drop) if drop is not None else None,
                             **metrics,
                             "finetune_seconds": seconds,
                             "wall_seconds": time.perf_counter() - start,
