@@ -202,20 +202,30 @@ def test_the_whole_run_on_s3(small_run, s3_bucket):
 
 @pytest.fixture(scope="module")
 def demo_world_runs(tmp_path_factory):
-    """The demo's world (a pre-trained tiny Gemma3, BadNet at 10%) run twice on the same poisoned
-    upload: with the TCAP filter and without it. About 6 minutes on 2 idle cores."""
+    """The demo's world (a pre-trained tiny Gemma3, BadNet at 10%) run through `tcapguard run` twice on
+    the same poisoned upload: with the TCAP filter and without it (exit codes), then `pipeline.run` on
+    the same configs for the figures (every step reused, the gate's verdict included). About 7
+    minutes on 2 idle cores."""
     from dataclasses import replace
 
+    from tcapguard.cli import main
     from tcapguard.demo import demo_config
 
     root = tmp_path_factory.mktemp("gate-e2e")
-    config = demo_config(root / "demo", family="gemma3", cache_dir=root / "cache")
-    return config, pipeline.run(config), pipeline.run(replace(config, filter_enabled=False))
+    guarded = demo_config(root / "demo", family="gemma3", cache_dir=root / "cache")
+    unguarded = replace(guarded, filter_enabled=False)
+    codes = {}
+    for name, config in (("guarded", guarded), ("unguarded", unguarded)):
+        path = root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        codes[name] = main(["run", str(path)])
+    return guarded, codes, pipeline.run(guarded), pipeline.run(unguarded)
 
 
 @pytest.mark.slow
 def test_the_gate_fails_without_the_filter(demo_world_runs):
-    config, guarded, unguarded = demo_world_runs
+    config, codes, guarded, unguarded = demo_world_runs
+    assert codes["unguarded"] == 1  # `tcapguard run` exits 1 on a failed gate
     assert not unguarded.passed
     assert unguarded.metrics_after["asr"] > config.gate.max_asr
     assert any("asr" in reason for reason in unguarded.gate["reasons"])
@@ -224,8 +234,9 @@ def test_the_gate_fails_without_the_filter(demo_world_runs):
 
 @pytest.mark.slow
 def test_the_gate_passes_with_the_filter(demo_world_runs):
-    config, guarded, _ = demo_world_runs
-    assert guarded.passed, guarded.gate["reasons"]
+    config, codes, guarded, _ = demo_world_runs
+    assert codes["guarded"] == 0, guarded.gate["reasons"]
+    assert guarded.passed
     assert guarded.metrics_after["detection_f1"] >= 0.9
     assert guarded.metrics_after["asr"] <= config.gate.max_asr
     # The flagged images' hot regions (regions.json) carry the trigger: pasted onto clean test images
