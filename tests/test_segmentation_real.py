@@ -215,22 +215,10 @@ SYSTEM_PROMPT = "You are a careful visual assistant. Answer with one word."
 def _tokenizer(
     specials: dict[str, str], attributes: dict[str, str], *, add_bos: bool
 ) -> PreTrainedTokenizerFast:
-    """A byte-level BPE with the family's special tokens; ``attributes`` name some (``image_token``...).
-
-    Built by :func:`tcapguard.tiny.build_tokenizer`, then re-wrapped so that the family-specific token
-    attributes its processor reads (``start_image_token``, ``context_image_token`` ...) are set.
-    """
-    base = build_tokenizer(CORPUS, 400, specials, add_bos_token=add_bos)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=base.backend_tokenizer,
-        bos_token=specials["bos"],
-        eos_token=specials["eos"],
-        pad_token=specials["pad"],
-        unk_token=specials.get("unk"),
-        extra_special_tokens=attributes,
-        add_bos_token=add_bos,
-        clean_up_tokenization_spaces=False,
-    )
+    """A byte-level BPE with the family's special tokens (:func:`tcapguard.tiny.build_tokenizer`);
+    ``attributes`` are the family-specific token attributes its processor reads (``image_token``,
+    ``start_image_token``, ``context_image_token`` ...)."""
+    return build_tokenizer(CORPUS, 400, specials, add_bos_token=add_bos, token_attributes=attributes)
 
 
 def _video_processor(**settings):

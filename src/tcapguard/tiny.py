@@ -221,16 +221,22 @@ class TinyMLLMConfig:
 
 
 def build_tokenizer(
-    corpus: Iterable[str], vocab_size: int, special_tokens: dict[str, str], *, add_bos_token: bool = True
+    corpus: Iterable[str],
+    vocab_size: int,
+    special_tokens: dict[str, str],
+    *,
+    add_bos_token: bool = True,
+    token_attributes: dict[str, str] | None = None,
 ) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on ``corpus``, so any text (unseen triggers, unicode) round-trips exactly.
 
     ``special_tokens`` maps roles to token strings (see :data:`SPECIAL_TOKENS`); they take the first ids in
     the given order. Roles ``pad``/``bos``/``eos``/``unk`` become the tokenizer's standard special tokens,
     ``image``/``boi``/``eoi`` its ``image_token``/``boi_token``/``eoi_token`` attributes, which the
-    LLaVA and Gemma3 processors read; any other roles are special tokens too. ``add_bos_token=False`` leaves
-    bos to the chat template (Gemma3 style), so that a rendered prompt fed to the processor carries exactly
-    one bos. The same corpus gives the same tokenizer.
+    LLaVA and Gemma3 processors read (``token_attributes`` replaces that mapping for processors that
+    read other names, e.g. ``context_image_token``); any other roles are special tokens too.
+    ``add_bos_token=False`` leaves bos to the chat template (Gemma3 style), so that a rendered prompt fed
+    to the processor carries exactly one bos. The same corpus gives the same tokenizer.
     """
     for role in ("pad", "bos", "eos"):
         if role not in special_tokens:
@@ -245,9 +251,13 @@ def build_tokenizer(
         show_progress=False,
     )
     backend.train_from_iterator(corpus, trainer)
-    extra = {
-        f"{role}_token": special_tokens[role] for role in ("image", "boi", "eoi") if role in special_tokens
-    }
+    extra = token_attributes
+    if extra is None:
+        extra = {
+            f"{role}_token": special_tokens[role]
+            for role in ("image", "boi", "eoi")
+            if role in special_tokens
+        }
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=special_tokens["bos"],
