@@ -28,8 +28,6 @@ import torch
 from tcapguard.attacks import Attack
 from tcapguard.detection import BYEFilter, TCAPFilter
 from tcapguard.evaluation import detection_metrics
-from tcapguard.models import load_model
-from tcapguard.profiling import ProfileConfig, load_profile, profile_dataset
 from tcapguard.tiny import TinyMLLMConfig
 from tcapguard.tinyworld import BaseSpec, WorldSpec, build_world, default_cache_dir
 
@@ -54,11 +52,8 @@ def world_profile(family: str, attack: str | None, rate: float, seed: int, cache
         seed=seed,
     )
     world = build_world(spec, cache)
-    out = cache / f"profile-{world.root.name}"
-    model, processor = load_model(world.model)  # profile_dataset skips finished shards
-    profile_dataset(model, processor, world.load_train(), out, config=ProfileConfig(batch_size=32))
     responses = [r.response for r in world.load_train().records]
-    return load_profile(out), responses, world.load_manifest().poisoned_ids
+    return world.load_profile(), responses, world.load_manifest().poisoned_ids
 
 
 def score(estimator, profile, poisoned: list[str], responses: list[str] | None = None) -> dict:

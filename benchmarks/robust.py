@@ -30,7 +30,6 @@ from tcapguard.attacks import Attack, make_triggered_testset
 from tcapguard.detection import FilterConfig
 from tcapguard.evaluation import attack_success_rate, exact_match, generate_responses
 from tcapguard.models import load_model
-from tcapguard.profiling import ProfileConfig, load_profile, profile_dataset
 from tcapguard.storage import publish_directory
 from tcapguard.tiny import TinyMLLMConfig
 from tcapguard.tinyworld import BaseSpec, WorldSpec, build_world, default_cache_dir
@@ -58,14 +57,11 @@ def _value(text: str) -> object:
         return text
 
 
-def flagged_ids(world, cache: Path) -> list[str]:
-    """What the pipeline's default filter flags in the world's upload (profile cached beside it)."""
-    train = world.load_train()
-    out = cache / f"profile-{world.root.name}"
-    model, processor = load_model(world.model)
-    profile_dataset(model, processor, train, out, config=ProfileConfig(batch_size=32))
-    profile = load_profile(out)
-    estimator = FilterConfig().to_estimator().fit(profile, responses=[r.response for r in train.records])
+def flagged_ids(world) -> list[str]:
+    """What the pipeline's default filter flags in the world's upload."""
+    profile = world.load_profile()
+    responses = [r.response for r in world.load_train().records]
+    estimator = FilterConfig().fit(profile, responses)
     return [i for i, flag in zip(profile.ids, estimator.labels_, strict=True) if flag]
 
 
@@ -135,7 +131,7 @@ def main() -> None:
                     triggered = make_triggered_testset(test, attack)
                     for variant in args.variants:
                         start = time.perf_counter()
-                        drop = flagged_ids(world, cache) if variant in FILTERED else None
+                        drop = flagged_ids(world) if variant in FILTERED else None
                         if drop is not None:
                             robust = None if VARIANTS[variant] is None else RobustConfig(**overrides)
                             model_dir, seconds = robust_model(spec, world, robust, cache, drop)

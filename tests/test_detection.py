@@ -158,6 +158,16 @@ def test_filter_config_builds_the_configured_estimator():
         FilterConfig(split_rule="middle")
 
 
+def test_filter_config_fits_with_the_responses_it_asks_for(poisoned):
+    responses = np.where(poisoned.poisoned, "backdoor attack", "other").tolist()
+    with_responses = FilterConfig().fit(poisoned, responses)
+    assert with_responses.features_ == ["system", "vision", "text"]  # "auto" saw the responses
+    assert FilterConfig(use_responses=False).fit(poisoned, responses).features_ == ["system"]
+    assert isinstance(FilterConfig(method="bye").fit(poisoned, responses), BYEFilter)
+    with pytest.raises(ValueError, match="needs the upload's responses"):
+        FilterConfig().fit(poisoned)
+
+
 def test_reports_and_plots(tmp_path, fitted):
     for fn, name in [
         (plot_score_histogram, "scores.png"),

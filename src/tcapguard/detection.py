@@ -799,6 +799,16 @@ class FilterConfig(StepConfig):
         }
         return TCAPFilter(**opts)
 
+    def fit(self, profile: ProfileLike, responses: Sequence[str] | None = None) -> TCAPFilter | BYEFilter:
+        """The configured filter fitted on ``profile``; the upload's ``responses`` go to TCAP when
+        ``use_responses`` (and are required then)."""
+        estimator = self.to_estimator()
+        if isinstance(estimator, BYEFilter) or not self.use_responses:
+            return estimator.fit(profile)
+        if responses is None:
+            raise ValueError("FilterConfig(use_responses=True) needs the upload's responses")
+        return estimator.fit(profile, responses=responses)
+
 
 def find_poisoned_samples(
     profile: ProfileLike | np.ndarray, *, method: str = "tcap", **options: Any

@@ -305,11 +305,7 @@ def filter_samples(
     loaded = load_profile(profile)
     if loaded.ids != [r.id for r in dataset.records]:
         raise ValueError(f"{profile} profiles other records than {train} (ids differ); profile this upload")
-    estimator = config.to_estimator()
-    if config.use_responses and config.method == "tcap":
-        estimator.fit(loaded, responses=[r.response for r in dataset.records])
-    else:
-        estimator.fit(loaded)
+    estimator = config.fit(loaded, [r.response for r in dataset.records])
     flagged = [i for i, f in zip(loaded.ids, estimator.labels_, strict=True) if f]
     paths = {
         "clean_train": _join(out, "clean_train.json"),

@@ -170,6 +170,16 @@ class World:
     def load_manifest(self) -> PoisonManifest:
         return PoisonManifest.load(self.manifest)
 
+    def load_profile(self):
+        """The upload's attention profile under the world's model (``tcapguard.profiling.Profile``),
+        cached beside the world as ``profile-<world>``; computed on first use, resumable by shard."""
+        from tcapguard.profiling import ProfileConfig, load_profile, profile_dataset
+
+        out = self.root.parent / f"profile-{self.root.name}"
+        model, processor = load_model(self.model)  # profile_dataset skips finished shards
+        profile_dataset(model, processor, self.load_train(), out, config=ProfileConfig(batch_size=32))
+        return load_profile(out)
+
 
 def build_world(spec: WorldSpec, cache_dir: str | Path | None = None) -> World:
     """Base -> poisoned upload -> fine-tuned model, each cached by content hash."""
