@@ -107,13 +107,19 @@ def redact_text(text: str) -> str:
     return _URI_USERINFO.sub(r"\1***@", text)
 
 
+def sqlite_database(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (query string dropped); None for others."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri[len("sqlite:///") :].split("?", 1)[0])
+
+
 def require_existing_store(tracking_uri: str) -> None:
     """Refuse a ``sqlite:`` URI whose database file does not exist: readers (the gate, model
     downloads) must not create an empty store from a typo and then report "model not found"."""
-    if tracking_uri.startswith("sqlite:///"):
-        path = Path(tracking_uri[len("sqlite:///") :].split("?", 1)[0])
-        if not path.is_file():
-            raise TrackingError(f"no MLflow database at {path} (tracking URI {redact_uri(tracking_uri)})")
+    path = sqlite_database(tracking_uri)
+    if path is not None and not path.is_file():
+        raise TrackingError(f"no MLflow database at {path} (tracking URI {redact_uri(tracking_uri)})")
 
 
 @contextmanager
@@ -149,10 +155,8 @@ def ensure_experiment(name: str = DEFAULT_EXPERIMENT, *, tracking_uri: str | Non
         if experiment.lifecycle_stage != "active":
             raise TrackingError(f"experiment {name!r} is deleted; restore it or choose another name")
         return experiment.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
-        database = Path(uri[len("sqlite:///") :].split("?", 1)[0])
-        location = (database.resolve().parent / "artifacts").as_uri()
+    database = sqlite_database(uri)
+    location = None if database is None else (database.resolve().parent / "artifacts").as_uri()
     return mlflow_client.create_experiment(name, artifact_location=location)
 
 
