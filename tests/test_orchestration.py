@@ -124,3 +124,21 @@ def test_overrides_apply_and_blank_ones_change_nothing(tmp_path):
 def test_bad_input_is_named(spec, kwargs, error, message):
     with pytest.raises(error, match=message):
         load_config(spec, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("step", "switch"),
+    [("evaluate-probe", {"evaluate_probe": False}), ("profile", {"filter_enabled": False})],
+)
+def test_the_cli_skips_a_switched_off_step_like_every_task(tmp_path, capsys, step, switch):
+    """`tcapguard step` (what the Kubernetes pods run) dispatches through run_step, as the local
+    Airflow tasks and the Kubeflow components do: a step the config switches off does not run."""
+    import json
+
+    from tcapguard.cli import main
+
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({**MINIMAL, "work_dir": str(tmp_path / "runs"), **switch}))
+    assert main(["step", step, str(path), "--outputs-json", str(tmp_path / "out.json")]) == 0
+    assert json.loads((tmp_path / "out.json").read_text()) == {"skipped": True, "step": step}
+    assert not (tmp_path / "runs").exists()

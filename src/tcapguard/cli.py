@@ -102,16 +102,16 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
 
 def cmd_step(args: argparse.Namespace) -> int:
-    from tcapguard.pipeline import STEP_FUNCTIONS, PipelineConfig, step_profile
+    """One step, dispatched as every orchestrator task dispatches it (a step the config switches off,
+    such as ``evaluate-probe`` with ``evaluate_probe: false``, is skipped the same way)."""
+    from tcapguard.orchestration import run_step
+    from tcapguard.pipeline import PipelineConfig
 
     config = PipelineConfig.from_yaml(args.config)
     if args.work_dir:
         config.work_dir = args.work_dir
-    if args.step == "profile":
-        outputs = step_profile(config, worker=args.worker, workers=args.workers)
-    else:
-        outputs = STEP_FUNCTIONS[args.step](config)
-    text = json.dumps(outputs, indent=1, default=str)
+    outputs = run_step(config, args.step, worker=args.worker, workers=args.workers)
+    text = json.dumps(outputs, indent=1)
     if args.outputs_json:
         from tcapguard.storage import write_bytes
 
