@@ -24,11 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 
+from base_options import add_base_options, base_settings, base_spec
 from tcapguard.attacks import Attack
 from tcapguard.detection import BYEFilter, TCAPFilter
 from tcapguard.evaluation import detection_metrics
-from tcapguard.tiny import TinyMLLMConfig
 from tcapguard.tinyworld import BaseSpec, WorldSpec, build_world, default_cache_dir
 
 ATTACKS = ("badnet", "blend", "sig", "wanet", "ftrojan", "text", "dual")
@@ -43,10 +44,10 @@ FILTERS = {  # name -> (a fresh filter with its defaults, whether fit gets the r
 }
 
 
-def world_profile(family: str, attack: str | None, rate: float, seed: int, cache: Path):
+def world_profile(base: BaseSpec, attack: str | None, rate: float, seed: int, cache: Path):
     """The world's profile (cached beside it), the upload's responses and the true poisoned ids."""
     spec = WorldSpec(
-        base=BaseSpec(model=TinyMLLMConfig(family=family)),
+        base=base,
         attack=Attack.preset(attack) if attack else None,
         rate=rate if attack else 0.0,
         seed=seed,
@@ -54,6 +55,17 @@ def world_profile(family: str, attack: str | None, rate: float, seed: int, cache
     world = build_world(spec, cache)
     responses = [r.response for r in world.load_train().records]
     return world.load_profile(), responses, world.load_manifest().poisoned_ids
+
+
+def best_column_auroc(profile, poisoned: list[str]) -> float | None:
+    """How well the single best head-share column separates the poison (two-sided AUROC): the
+    attention anomaly every filter needs, whatever its split rule."""
+    truth = np.isin(np.asarray(profile.ids), poisoned)
+    if truth.all() or not truth.any():
+        return None
+    columns = profile.shares.reshape(len(truth), -1)
+    aucs = np.array([roc_auc_score(truth, column) for column in columns.T])
+    return float(np.max(np.maximum(aucs, 1 - aucs)))
 
 
 def score(estimator, profile, poisoned: list[str], responses: list[str] | None = None) -> dict:
@@ -91,6 +103,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--no-clean", action="store_true", help="skip the clean upload (rate 0)")
     parser.add_argument("--cache-dir", default=None)
+    add_base_options(parser)
     parser.add_argument("--out", default="benchmarks/results/detection.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -104,7 +117,7 @@ def main() -> None:
         + " | ".join(f"{name:>10s}: F1 AUROC flagged" for name in FILTERS)
     )
     for family, attack, rate, seed in cells:
-        profile, responses, poisoned = world_profile(family, attack, rate, seed, cache)
+        profile, responses, poisoned = world_profile(base_spec(family, args), attack, rate, seed, cache)
         row = {
             "family": family,
             "attack": attack or "clean",
@@ -112,6 +125,8 @@ def main() -> None:
             "seed": seed,
             "n_samples": len(profile),
             "n_poisoned": len(poisoned),
+            "best_column_auroc": best_column_auroc(profile, poisoned),
+            "base": base_settings(args),
         }
         row.update(
             {

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
+from base_options import add_base_options, base_spec
 from tcapguard.attacks import Attack, make_triggered_testset
 from tcapguard.detection import FilterConfig
 from tcapguard.evaluation import attack_success_rate, exact_match, generate_responses
 from tcapguard.models import load_model
 from tcapguard.storage import publish_directory
-from tcapguard.tiny import TinyMLLMConfig
-from tcapguard.tinyworld import BaseSpec, WorldSpec, build_world, default_cache_dir
+from tcapguard.tinyworld import WorldSpec, build_world, default_cache_dir
 from tcapguard.training import RobustConfig, finetune
 
 # Loss-term ablation: each variant is RobustConfig overrides (None = plain fine-tuning).
@@ -111,6 +111,7 @@ def main() -> None:
         help="RobustConfig override applied to every robust variant (repeatable)",
     )
     parser.add_argument("--tag", default="", help="suffix for the variant names in the table (with --set)")
+    add_base_options(parser)
     parser.add_argument("--out", default="benchmarks/results/robust.json")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -120,7 +121,7 @@ def main() -> None:
     out = Path(args.out)
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
     for family in args.family:
-        base = BaseSpec(model=TinyMLLMConfig(family=family))
+        base = base_spec(family, args)
         for kind in args.attacks:
             for rate in args.rates:
                 for seed in args.seeds:

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
+from base_options import add_base_options, base_settings, base_spec
 from tcapguard.attacks import Attack
 from tcapguard.models import load_model
-from tcapguard.tiny import TinyMLLMConfig
-from tcapguard.tinyworld import BaseSpec, WorldSpec, build_world
+from tcapguard.tinyworld import WorldSpec, build_world
 from tcapguard.training import (
     collate,
     encode_example,
@@ -69,11 +69,13 @@ def main() -> None:
     parser.add_argument(
         "--views", nargs="+", default=["shuffle:0.25", "shuffle:0.5", "mask:0.25", "mask:0.5"]
     )
+    add_base_options(parser)
     parser.add_argument("--out", default="benchmarks/results/robust_invariance.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     spec = WorldSpec(
-        base=BaseSpec(model=TinyMLLMConfig(family=args.family)), attack=Attack.preset(args.attack)
+        base=base_spec(args.family, args),
+        attack=Attack.preset(args.attack),
     )
     world = build_world(spec)
     train = world.load_train()
@@ -109,7 +111,17 @@ def main() -> None:
             )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"family": args.family, "attack": args.attack, "rows": rows}, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "family": args.family,
+                "attack": args.attack,
+                "base": base_settings(args),
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

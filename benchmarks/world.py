@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
+from base_options import add_base_options, base_settings, base_spec
 from tcapguard.attacks import Attack, make_triggered_testset
 from tcapguard.evaluation import attack_success_rate, exact_match, generate_responses
 from tcapguard.models import load_model
-from tcapguard.tiny import TinyMLLMConfig
-from tcapguard.tinyworld import BaseSpec, WorldSpec, build_base, build_world
+from tcapguard.tinyworld import WorldSpec, build_base, build_world
 
 ATTACKS = ("badnet", "blend", "sig", "wanet", "text", "ftrojan", "dual")
 
@@ -41,16 +41,17 @@ def main() -> None:
     )
     parser.add_argument("--rate", type=float, default=0.10)
     parser.add_argument("--seed", type=int, default=0)
+    add_base_options(parser)
     parser.add_argument("--out", default="benchmarks/results/world.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows = []
     for family in args.family:
-        base_spec = BaseSpec(model=TinyMLLMConfig(family=family))
-        base = build_base(base_spec)
+        base_config = base_spec(family, args)
+        base = build_base(base_config)
         for kind in args.attacks:
             attack = Attack.preset(kind)
-            spec = WorldSpec(base=base_spec, attack=attack, rate=args.rate, seed=args.seed)
+            spec = WorldSpec(base=base_config, attack=attack, rate=args.rate, seed=args.seed)
             world, seconds = timed(build_world, spec)
             train_log = json.loads((world.model / "tcapguard_finetune.json").read_text())
             model, processor = load_model(world.model)
@@ -75,6 +76,7 @@ def main() -> None:
                 "asr": asr,
                 "finetune_seconds": train_log["seconds"],
                 "base_seconds": json.loads((base / "tcapguard_finetune.json").read_text())["seconds"],
+                "base": base_settings(args),
                 "cached": seconds < 0.5 * train_log["seconds"],
             }
             rows.append(row)

@@ -129,7 +129,8 @@ def test_build_world_loads_back_its_datasets(built):
 
 @pytest.mark.parametrize("family", ["llava", "gemma3"])
 def test_patch_reconstruction_trains_the_vision_tower(family, tiny_models):
-    """The auxiliary loss reads the projector output and sends gradient into the vision tower."""
+    """The auxiliary loss (pixels, place and the quadrant's object) reads the projector output and
+    sends gradient into the vision tower."""
     import math
 
     import torch
@@ -142,7 +143,8 @@ def test_patch_reconstruction_trains_the_vision_tower(family, tiny_models):
     batch = collate([encode_example(processor, r, data.load_image(r)) for r in data], 0)
     tokens = model.config.mm_tokens_per_image if family == "gemma3" else model.config.image_seq_length
     side = 32 // math.isqrt(tokens)
-    aux = tinyworld.PatchReconstruction(model.config.text_config.hidden_size, 3 * side * side, 32 // side)
+    hidden = model.config.text_config.hidden_size
+    aux = tinyworld.PatchReconstruction(hidden, 3 * side * side, 32 // side, scene_weight=1.0)
     aux.attach(model)
     model.train()
     model(**batch)
@@ -160,3 +162,12 @@ def test_world_key_ignores_an_unset_robust_config():
     assert "robust" not in plain["finetune"] and "robust" not in plain["base"]["pretrain"]
     robust = replace(spec, finetune=replace(spec.finetune, robust=RobustConfig()))
     assert tinyworld._key(tinyworld._spec_dict(robust)) != tinyworld._key(plain)
+
+
+def test_world_key_ignores_an_unset_scene_weight():
+    """BaseSpec.scene_weight was added after bases were cached: off, it must not change their keys."""
+    spec = WorldSpec(attack=Attack.preset("badnet"))
+    assert "scene_weight" not in tinyworld._spec_dict(spec)["base"]
+    assert "scene_weight" not in tinyworld._spec_dict(spec.base)
+    scene = replace(spec, base=replace(spec.base, scene_weight=1.0))
+    assert tinyworld._key(tinyworld._spec_dict(scene)) != tinyworld._key(tinyworld._spec_dict(spec))

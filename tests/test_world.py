@@ -122,6 +122,22 @@ def test_image_draws_the_scene(samples):
                 assert (block >= 200).all(), (record.id, quadrant)
 
 
+def test_read_scene_recovers_every_quadrant(samples):
+    """The base's pre-training targets: every quadrant's colour and kind, read back from pixels."""
+    import torch
+
+    pixels = torch.stack([torch.from_numpy(np.asarray(r.pixels, dtype=np.float32) / 255) for r in samples])
+    color, kind = world.read_scene(pixels.permute(0, 3, 1, 2))
+    want_color = torch.full((len(samples), 4), len(COLORS))
+    want_kind = torch.full((len(samples), 4), len(SHAPES))
+    for i, record in enumerate(samples):
+        for shape, colour, quadrant in scene_of(record):
+            want_color[i, QUADRANTS.index(quadrant)] = list(COLORS).index(colour)
+            want_kind[i, QUADRANTS.index(quadrant)] = SHAPES.index(shape)
+    assert torch.equal(color, want_color) and torch.equal(kind, want_kind)
+    assert set(kind.flatten().tolist()) == set(range(len(SHAPES) + 1))  # every kind, and empty ones
+
+
 def test_all_question_types_and_many_phrasings(samples):
     qtypes = Counter(r.extra["qtype"] for r in samples)
     assert set(qtypes) == QTYPES and min(qtypes.values()) >= 50

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,13 @@ def default_cache_dir() -> Path:
 
 @dataclass
 class BaseSpec:
-    """The clean base model: architecture plus pre-training on fresh scenes."""
+    """The clean base model: architecture plus pre-training on fresh scenes.
+
+    ``scene_weight`` > 0 also teaches every image token the colour and kind of its quadrant's object
+    (:class:`PatchReconstruction`): the model then answers from the image far more often, but the
+    backdoor's attention anomaly that TCAP reads fades (measured in the README, "The tiny MLLM
+    world"), so the default world keeps it off.
+    """
 
     model: TinyMLLMConfig = field(default_factory=TinyMLLMConfig)
     pretrain_samples: int = 32_000
@@ -48,6 +55,7 @@ class BaseSpec:
         default_factory=lambda: FinetuneConfig(method="full", epochs=1, batch_size=16, learning_rate=1e-3)
     )
     reconstruction_weight: float = 1.0
+    scene_weight: float = 0.0
     seed: int = 0
 
 
@@ -84,25 +92,44 @@ def _spec_dict(spec) -> dict:
         cfg.pop("num_threads", None)  # a runtime knob that does not change the result
         if cfg.get("robust") is None:  # added later: plain fine-tuning keeps its cached key
             cfg.pop("robust", None)
+    base = out.get("base", out)
+    if not base.get("scene_weight"):  # added later: bases without it keep their cached keys
+        base.pop("scene_weight", None)
     return out
 
 
 class PatchReconstruction(torch.nn.Module):
-    """Auxiliary pre-training loss: from each projected image token, its region's pixels and place.
+    """Auxiliary pre-training loss: from each projected image token, its region and its object.
 
     A tiny vision tower trained only through short answers learns little about the image: measured,
     a linear probe recovered the column of a token 31% of the time (chance 12.5%), and the model
     never told left from right. Real MLLMs start from encoders (CLIP, SigLIP) whose features keep
-    low-level detail and position; predicting the pixels under every image token and its grid row
-    and column from the projector output gives the tiny tower those properties, which both the clean
-    task and global triggers (blend, SIG, warps) rely on.
+    low-level detail and position and name what they see. So every image token predicts the pixels
+    of its region and its grid row and column, and (``scene_weight``) the colour and kind of the
+    object in its quadrant (:func:`tcapguard.world.read_scene`), which both the clean task and
+    global triggers (blend, SIG, warps) rely on.
     """
 
-    def __init__(self, hidden_size: int, region_pixels: int, grid: int, weight: float = 1.0):
+    def __init__(
+        self,
+        hidden_size: int,
+        region_pixels: int,
+        grid: int,
+        weight: float = 1.0,
+        *,
+        scene_weight: float = 0.0,
+        image_mean: Sequence[float] = (0.5, 0.5, 0.5),
+        image_std: Sequence[float] = (0.5, 0.5, 0.5),
+    ):
         super().__init__()
         self.grid = grid
         self.decoder = torch.nn.Linear(hidden_size, region_pixels + 2 * grid)
         self.weight = weight
+        self.scene_weight = scene_weight
+        n_classes = len(world.COLORS) + 1 + len(world.SHAPES) + 1  # each with "empty quadrant"
+        self.scene = torch.nn.Linear(hidden_size, n_classes) if scene_weight else None
+        self.register_buffer("mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
         self._features: torch.Tensor | None = None
 
     def attach(self, model) -> None:
@@ -121,7 +148,19 @@ class PatchReconstruction(torch.nn.Module):
         place = out[..., -2 * grid :].reshape(-1, 2, grid)
         cells = torch.arange(grid * grid, device=out.device).repeat(out.shape[0])
         ce = torch.nn.functional.cross_entropy
-        return self.weight * (pixel_loss + ce(place[:, 0], cells // grid) + ce(place[:, 1], cells % grid))
+        loss = pixel_loss + ce(place[:, 0], cells // grid) + ce(place[:, 1], cells % grid)
+        if self.scene is not None:
+            color, kind = world.read_scene(pixels * self.std + self.mean)  # [n, 4] each
+            rows, cols = cells // grid, cells % grid
+            quadrant = (rows >= grid // 2).long() * 2 + (cols >= grid // 2).long()
+            image = torch.arange(out.shape[0], device=out.device).repeat_interleave(grid * grid)
+            logits = self.scene(features).reshape(image.numel(), -1)
+            n_colors = len(world.COLORS) + 1
+            scene = ce(logits[:, :n_colors], color[image, quadrant]) + ce(
+                logits[:, n_colors:], kind[image, quadrant]
+            )
+            loss = loss + self.scene_weight * scene
+        return self.weight * loss
 
 
 def build_base(spec: BaseSpec, cache_dir: str | Path | None = None) -> Path:
@@ -139,7 +178,16 @@ def build_base(spec: BaseSpec, cache_dir: str | Path | None = None) -> Path:
         grid = math.isqrt(spec.model.image_tokens_per_sample)
         side = spec.model.image_size // grid
         hidden = model.config.text_config.hidden_size
-        auxiliary = PatchReconstruction(hidden, 3 * side * side, grid, spec.reconstruction_weight)
+        image = processor.image_processor
+        auxiliary = PatchReconstruction(
+            hidden,
+            3 * side * side,
+            grid,
+            spec.reconstruction_weight,
+            scene_weight=spec.scene_weight,
+            image_mean=image.image_mean,
+            image_std=image.image_std,
+        )
         finetune(model, processor, data, spec.pretrain, tmp / "model", auxiliary=auxiliary)
         for item in (tmp / "model").iterdir():
             item.rename(tmp / item.name)

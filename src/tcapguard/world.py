@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageDraw
 
 from tcapguard.data import IMAGE_PLACEHOLDER, Dataset, Record, Turn, save_dataset
@@ -118,6 +119,35 @@ def draw_scene(shapes: list[Shape], rng: random.Random, size: int = 32) -> Image
         else:
             draw.polygon([(x0 + side / 2, y0), (x0, y0 + side), (x0 + side, y0 + side)], fill=fill)
     return img
+
+
+def read_scene(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per quadrant, the colour and shape index of the object drawn there, read back from the pixels.
+
+    ``pixels``: scenes of :func:`draw_scene`, ``[n, 3, size, size]`` in [0, 1]. Returns two
+    ``[n, 4]`` index tensors into ``COLORS`` and ``SHAPES``, where ``len(COLORS)`` and
+    ``len(SHAPES)`` mean an empty quadrant. Exact on generated scenes: the top-left pixel is always
+    background, colours are far from it, and a shape's fill of its bounding box tells the kind
+    (square 1.0, circle 0.76-0.80, triangle 0.50-0.55).
+    """
+    n, _, size, _ = pixels.shape
+    half = size // 2
+    drawn = (pixels - pixels[:, :, :1, :1]).abs().amax(1) > 0.25
+    mask = drawn.reshape(n, 2, half, 2, half).permute(0, 1, 3, 2, 4).reshape(n, 4, half, half)
+    rgb = pixels.reshape(n, 3, 2, half, 2, half).permute(0, 2, 4, 1, 3, 5).reshape(n, 4, 3, half, half)
+    area = mask.sum((-1, -2)).float()
+    mean = (rgb * mask[:, :, None]).sum((-1, -2)) / area.clamp(min=1)[..., None]
+    palette = torch.tensor(list(COLORS.values()), dtype=mean.dtype, device=mean.device) / 255
+    color = torch.cdist(mean, palette.expand(n, -1, -1)).argmin(-1)
+    box = mask.any(-1).sum(-1) * mask.any(-2).sum(-1)
+    fill = area / box.clamp(min=1)
+    kind = torch.where(
+        fill > 0.9,
+        SHAPES.index("square"),
+        torch.where(fill > 0.65, SHAPES.index("circle"), SHAPES.index("triangle")),
+    )
+    empty = area < 4
+    return color.masked_fill(empty, len(COLORS)), kind.masked_fill(empty, len(SHAPES))
 
 
 def _question(shapes: list[Shape], rng: random.Random) -> tuple[str, str, str]:

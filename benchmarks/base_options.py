@@ -1,0 +1,25 @@
+"""The benchmarks' shared options for the tiny world's base (``tcapguard.tinyworld.BaseSpec``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from tcapguard.tiny import TinyMLLMConfig
+from tcapguard.tinyworld import BaseSpec
+
+
+def add_base_options(parser: argparse.ArgumentParser) -> None:
+    """``--scene-weight`` and ``--pretrain-samples``: the default world, or the scene pre-trained one."""
+    parser.add_argument(
+        "--scene-weight", type=float, default=0.0, help="BaseSpec.scene_weight (scene pre-training)"
+    )
+    parser.add_argument("--pretrain-samples", type=int, default=32_000, help="BaseSpec.pretrain_samples")
+
+
+def base_settings(args: argparse.Namespace) -> dict:
+    """The options as BaseSpec keyword arguments (also recorded in each benchmark's results)."""
+    return {"scene_weight": args.scene_weight, "pretrain_samples": args.pretrain_samples}
+
+
+def base_spec(family: str, args: argparse.Namespace) -> BaseSpec:
+    return BaseSpec(model=TinyMLLMConfig(family=family), **base_settings(args))
