@@ -137,6 +137,7 @@ def cmd_filter(args: argparse.Namespace) -> None:
     print(
         f"flagged {result.n_flagged} of {result.n_samples} records ({result.flagged_fraction:.1%}); "
         f"cleaned upload -> {result.clean_train}; report -> {result.report}"
+        + (f"; suspected trigger regions -> {result.regions}" if result.regions else "")
     )
 
 
