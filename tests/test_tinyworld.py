@@ -153,6 +153,9 @@ def test_patch_reconstruction_trains_the_vision_tower(family, tiny_models):
     assert loss.dim() == 0 and torch.isfinite(loss) and loss > 0
     patch = next(p for n, p in model.named_parameters() if "vision" in n and "patch_embedding" in n)
     assert patch.grad is not None and patch.grad.abs().sum() > 0
+    # without scene targets the decoder keeps its old shape, so cached default bases stay reproducible
+    plain = tinyworld.PatchReconstruction(hidden, 3 * side * side, 32 // side)
+    assert plain.decoder.out_features == 3 * side * side + 2 * (32 // side)
 
 
 def test_world_key_ignores_an_unset_robust_config():

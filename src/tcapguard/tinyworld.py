@@ -123,11 +123,14 @@ class PatchReconstruction(torch.nn.Module):
     ):
         super().__init__()
         self.grid = grid
-        self.decoder = torch.nn.Linear(hidden_size, region_pixels + 2 * grid)
+        self.region_pixels = region_pixels
+        n_classes = len(world.COLORS) + 1 + len(world.SHAPES) + 1  # each with "empty quadrant"
+        # scene outputs only when asked: without them the decoder (and its random init) is unchanged
+        self.decoder = torch.nn.Linear(
+            hidden_size, region_pixels + 2 * grid + (n_classes if scene_weight else 0)
+        )
         self.weight = weight
         self.scene_weight = scene_weight
-        n_classes = len(world.COLORS) + 1 + len(world.SHAPES) + 1  # each with "empty quadrant"
-        self.scene = torch.nn.Linear(hidden_size, n_classes) if scene_weight else None
         self.register_buffer("mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
         self._features: torch.Tensor | None = None
@@ -144,17 +147,18 @@ class PatchReconstruction(torch.nn.Module):
         regions = pixels.unfold(2, side, side).unfold(3, side, side)  # [n, c, g, g, side, side]
         target = regions.permute(0, 2, 3, 1, 4, 5).reshape(pixels.shape[0], grid * grid, -1)
         out = self.decoder(features)
-        pixel_loss = torch.nn.functional.mse_loss(out[..., : -2 * grid], target)
-        place = out[..., -2 * grid :].reshape(-1, 2, grid)
+        n_place = self.region_pixels + 2 * grid
+        pixel_loss = torch.nn.functional.mse_loss(out[..., : self.region_pixels], target)
+        place = out[..., self.region_pixels : n_place].reshape(-1, 2, grid)
         cells = torch.arange(grid * grid, device=out.device).repeat(out.shape[0])
         ce = torch.nn.functional.cross_entropy
         loss = pixel_loss + ce(place[:, 0], cells // grid) + ce(place[:, 1], cells % grid)
-        if self.scene is not None:
+        if self.scene_weight:
             color, kind = world.read_scene(pixels * self.std + self.mean)  # [n, 4] each
             rows, cols = cells // grid, cells % grid
             quadrant = (rows >= grid // 2).long() * 2 + (cols >= grid // 2).long()
             image = torch.arange(out.shape[0], device=out.device).repeat_interleave(grid * grid)
-            logits = self.scene(features).reshape(image.numel(), -1)
+            logits = out[..., n_place:].reshape(image.numel(), -1)
             n_colors = len(world.COLORS) + 1
             scene = ce(logits[:, :n_colors], color[image, quadrant]) + ce(
                 logits[:, n_colors:], kind[image, quadrant]
