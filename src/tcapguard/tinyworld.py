@@ -44,9 +44,9 @@ class BaseSpec:
     """The clean base model: architecture plus pre-training on fresh scenes.
 
     ``scene_weight`` > 0 also teaches every image token the colour and kind of its quadrant's object
-    (:class:`PatchReconstruction`): the model then answers from the image far more often, but the
-    backdoor's attention anomaly that TCAP reads fades (measured in the README, "The tiny MLLM
-    world"), so the default world keeps it off.
+    (:class:`PatchReconstruction`): the model then answers from the image far more often (README,
+    "Scene pre-training"). It stays off by default because the README's other figures and the demo
+    were measured without it, and the demo's short pre-training lost the attention anomaly with it.
     """
 
     model: TinyMLLMConfig = field(default_factory=TinyMLLMConfig)
@@ -151,11 +151,11 @@ class PatchReconstruction(torch.nn.Module):
         pixel_loss = torch.nn.functional.mse_loss(out[..., : self.region_pixels], target)
         place = out[..., self.region_pixels : n_place].reshape(-1, 2, grid)
         cells = torch.arange(grid * grid, device=out.device).repeat(out.shape[0])
+        rows, cols = cells // grid, cells % grid
         ce = torch.nn.functional.cross_entropy
-        loss = pixel_loss + ce(place[:, 0], cells // grid) + ce(place[:, 1], cells % grid)
+        loss = pixel_loss + ce(place[:, 0], rows) + ce(place[:, 1], cols)
         if self.scene_weight:
             color, kind = world.read_scene(pixels * self.std + self.mean)  # [n, 4] each
-            rows, cols = cells // grid, cells % grid
             quadrant = (rows >= grid // 2).long() * 2 + (cols >= grid // 2).long()
             image = torch.arange(out.shape[0], device=out.device).repeat_interleave(grid * grid)
             logits = out[..., n_place:].reshape(image.numel(), -1)
