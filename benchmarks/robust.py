@@ -130,21 +130,19 @@ def main() -> None:
                     world = build_world(spec, cache)
                     test = world.load_test()
                     triggered = make_triggered_testset(test, attack)
+                    flagged = flagged_ids(world) if FILTERED & set(args.variants) else None
                     for variant in args.variants:
                         start = time.perf_counter()
-                        drop = flagged_ids(world) if variant in FILTERED else None
-                        if drop is not None:
-                            robust = None if VARIANTS[variant] is None else RobustConfig(**overrides)
-                            model_dir, seconds = robust_model(spec, world, robust, cache, drop)
-                        elif VARIANTS[variant] is None:
+                        drop = flagged if variant in FILTERED else None
+                        settings = VARIANTS[variant]
+                        robust = None if settings is None else RobustConfig(**{**settings, **overrides})
+                        if drop is None and robust is None:  # (a): the world's own fine-tune
                             model_dir = world.model
                             seconds = json.loads((model_dir / "tcapguard_finetune.json").read_text())[
                                 "seconds"
                             ]
-                            robust = None
                         else:
-                            robust = RobustConfig(**{**VARIANTS[variant], **overrides})
-                            model_dir, seconds = robust_model(spec, world, robust, cache)
+                            model_dir, seconds = robust_model(spec, world, robust, cache, drop)
                         metrics = evaluate(model_dir, test, triggered, attack.target)
                         name = variant + (args.tag if robust is not None else "")
                         row = {
