@@ -145,7 +145,10 @@ def test_patch_reconstruction_trains_the_vision_tower(family, tiny_models):
     side = 32 // math.isqrt(tokens)
     hidden = model.config.text_config.hidden_size
     aux = tinyworld.PatchReconstruction(hidden, 3 * side * side, 32 // side, scene_weight=1.0)
+    projector = model.model.multi_modal_projector
+    hooks = dict(projector._forward_hooks)
     aux.attach(model)
+    assert len(projector._forward_hooks) == len(hooks) + 1
     model.train()
     model(**batch)
     loss = aux(batch)
@@ -153,6 +156,8 @@ def test_patch_reconstruction_trains_the_vision_tower(family, tiny_models):
     assert loss.dim() == 0 and torch.isfinite(loss) and loss > 0
     patch = next(p for n, p in model.named_parameters() if "vision" in n and "patch_embedding" in n)
     assert patch.grad is not None and patch.grad.abs().sum() > 0
+    aux.release()  # the hook is gone: the model keeps no reference to the loss module
+    assert dict(projector._forward_hooks) == hooks
     # without scene targets the decoder keeps its old shape, so cached default bases stay reproducible
     plain = tinyworld.PatchReconstruction(hidden, 3 * side * side, 32 // side)
     assert plain.decoder.out_features == 3 * side * side + 2 * (32 // side)

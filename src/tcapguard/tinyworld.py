@@ -137,7 +137,12 @@ class PatchReconstruction(torch.nn.Module):
 
     def attach(self, model) -> None:
         projector = next(m for n, m in model.named_modules() if n.endswith("multi_modal_projector"))
-        projector.register_forward_hook(lambda _m, _i, out: setattr(self, "_features", out))
+        self._hook = projector.register_forward_hook(lambda _m, _i, out: setattr(self, "_features", out))
+
+    def release(self) -> None:
+        """Remove the projector hook (called by :func:`~tcapguard.training.finetune` at the end)."""
+        self._hook.remove()
+        self._features = None
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         features = self._features  # [images, tokens, hidden], tokens in row-major grid order
