@@ -31,6 +31,24 @@ def timed(fn, *args):
     return out, time.perf_counter() - start
 
 
+def objects(record) -> str:
+    """How many shapes the record's scene holds, "one" or "several". With one shape every question
+    is answered by what the image holds at all; with several, only by finding the shape that the
+    question names (a content lookup)."""
+    return "one" if len(record.extra["scene"]) == 1 else "several"
+
+
+def accuracy_by(answers: list[str], test, key) -> dict[str, float]:
+    """Exact-match accuracy per value of ``key(record)``."""
+    groups: dict[str, list[int]] = {}
+    for i, record in enumerate(test.records):
+        groups.setdefault(key(record), []).append(i)
+    return {
+        name: exact_match([answers[i] for i in idx], [test.records[i].response for i in idx])
+        for name, idx in sorted(groups.items())
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -58,12 +76,8 @@ def main() -> None:
             test = world.load_test()
             answers = generate_responses(model, processor, test)
             clean = exact_match(answers, [r.response for r in test])
-            by_qtype = {}
-            for qtype in sorted({r.extra["qtype"] for r in test}):
-                pairs = [
-                    (a, r.response) for a, r in zip(answers, test, strict=True) if r.extra["qtype"] == qtype
-                ]
-                by_qtype[qtype] = exact_match([a for a, _ in pairs], [ref for _, ref in pairs])
+            by_qtype = accuracy_by(answers, test, lambda r: r.extra["qtype"])
+            by_objects = accuracy_by(answers, test, objects)
             triggered = make_triggered_testset(test, attack)
             asr = attack_success_rate(generate_responses(model, processor, triggered), attack.target)
             row = {
@@ -73,6 +87,7 @@ def main() -> None:
                 "seed": args.seed,
                 "clean_accuracy": clean,
                 "clean_accuracy_by_question": by_qtype,
+                "clean_accuracy_by_objects": by_objects,
                 "asr": asr,
                 "finetune_seconds": train_log["seconds"],
                 "base_seconds": json.loads((base / "tcapguard_finetune.json").read_text())["seconds"],
@@ -87,14 +102,17 @@ def main() -> None:
             )
     print()
     print(
-        "| family | attack | clean acc | ASR | fine-tune s | base pre-train s | clean acc by question type |"
+        "| family | attack | clean acc | ASR | fine-tune s | base pre-train s | clean acc by question type "
+        "| clean acc by shapes in the scene |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['family']} | {r['attack']} | {r['clean_accuracy']:.3f} | {r['asr']:.3f} | "
             f"{r['finetune_seconds']:.0f} | {r['base_seconds']:.0f} | "
             + ", ".join(f"{q} {v:.2f}" for q, v in r["clean_accuracy_by_question"].items())
+            + " | "
+            + ", ".join(f"{q} {v:.2f}" for q, v in r["clean_accuracy_by_objects"].items())
             + " |"
         )
     out = Path(args.out)
