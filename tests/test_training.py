@@ -20,10 +20,12 @@ from tcapguard.training import (
     FinetuneConfig,
     RobustConfig,
     collate,
+    cross_view_distance,
     encode_example,
     finetune,
     patch_augment,
     render_prompt,
+    response_distributions,
     vision_patch_size,
 )
 
@@ -460,6 +462,60 @@ def test_hinge_term_pushes_the_views_apart(tiny_models, train_data):
     before, after = robust_step(model, processor, train_data, robust)
     assert before["cross_view_distance"] < 1.0  # below the margin: the hinge is active
     assert after["cross_view_distance"] > before["cross_view_distance"]
+
+
+def test_detached_hinge_moves_the_original_answer_away_from_the_augmented_one(tiny_models, train_data):
+    """With ``detach_augmented`` the augmented view is a fixed reference: a step moves the original
+    view's answer away from where the augmented view's answer was (both views may move together,
+    so the distance between them need not grow)."""
+    model, processor = tiny_models.load("llava")
+    batch = collate(
+        [encode_example(processor, r, train_data.load_image(r)) for r in train_data.records[:6]],
+        processor.tokenizer.pad_token_id,
+    )
+    robust = RobustConfig(margin=1.0, gate=0.0, entropy_weight=0.0, detach_augmented=True)
+    regularizer = CrossViewRegularizer(robust, seed=0)
+    regularizer.attach(model)
+    model.train()
+    original = model(**batch).logits
+    regularizer(batch).backward()
+    regularizer.release()
+    labels = batch["labels"]
+    augmented = patch_augment(
+        batch["pixel_values"],
+        patch_size=vision_patch_size(model),
+        ratio=robust.patch_ratio,
+        generator=torch.Generator().manual_seed(0),  # the regulariser's view
+    )
+    with torch.no_grad():
+        log_q, mask = response_distributions(model(**{**batch, "pixel_values": augmented}).logits, labels)
+        before = cross_view_distance(response_distributions(original, labels)[0], log_q, mask)
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 1e-3 * p.grad.sign()
+        after = cross_view_distance(response_distributions(model(**batch).logits, labels)[0], log_q, mask)
+    model.zero_grad()
+    assert after.mean() > before.mean()
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_detach_augmented_runs_the_augmented_view_without_gradient(tiny_models, train_data, detach):
+    model, processor = tiny_models.load("llava")
+    batch = collate(
+        [encode_example(processor, r, train_data.load_image(r)) for r in train_data.records[:4]],
+        processor.tokenizer.pad_token_id,
+    )
+    regularizer = CrossViewRegularizer(RobustConfig(detach_augmented=detach))
+    regularizer.attach(model)
+    tracked = []
+    hook = model.register_forward_hook(lambda _m, _i, out: tracked.append(out.logits.requires_grad))
+    model.train()
+    model(**batch)
+    regularizer(batch).backward()
+    hook.remove()
+    regularizer.release()
+    model.zero_grad()
+    assert tracked == [True, not detach]  # the original view always carries gradient
 
 
 def test_entropy_term_lowers_the_entropy(tiny_models, train_data):

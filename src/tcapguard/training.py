@@ -57,8 +57,11 @@ class RobustConfig(StepConfig):
         + cross_view_weight * mean_i max(0, margin - d_i)     (bounded hinge: push invariant views apart)
         + entropy_weight * mean_i max(0, H_i - entropy_max)   (keep original-view answers decisive)
 
-    ``s`` in the gate is detached. Both views carry gradient in the hinge. ``H_i`` is the mean entropy
-    (nats) of the original view's response-token distributions.
+    ``s`` in the gate is detached. ``H_i`` is the mean entropy (nats) of the original view's
+    response-token distributions. With ``detach_augmented`` the augmented view is a fixed reference
+    (run without gradient), so the hinge can only move the original view's answer away from it;
+    otherwise both views carry gradient, and the hinge can also be met by learning to recognise
+    the augmented view.
     """
 
     # "shuffle" (permute the chosen patches), "mask" (fill with the image mean), "drop" (zeros)
@@ -70,6 +73,7 @@ class RobustConfig(StepConfig):
     gate: float = 1.0  # 0 = plain CE; 1 = a fully invariant sample's CE is switched off
     entropy_weight: float = 0.1
     entropy_max: float = 0.5  # nats
+    detach_augmented: bool = False  # the augmented view as a fixed reference (no gradient through it)
 
     def __post_init__(self) -> None:
         if self.augmentation not in AUGMENTATIONS:
@@ -392,7 +396,9 @@ class CrossViewRegularizer(torch.nn.Module):
                 mode=cfg.augmentation,
                 generator=self.generator,
             )
-            log_q, _ = response_distributions(self._model(**{**batch, "pixel_values": pixels}).logits, labels)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not cfg.detach_augmented):
+                augmented = self._model(**{**batch, "pixel_values": pixels}).logits
+            log_q, _ = response_distributions(augmented, labels)
             distance = cross_view_distance(log_p, log_q, mask)
         else:  # text-only batch: no image to perturb, so no cross-view evidence either way
             distance = torch.full_like(entropy, cfg.margin)
