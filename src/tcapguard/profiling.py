@@ -210,25 +210,27 @@ _WRAPPED_PREFIX = "tcap_"
 
 
 def _last_row(module, query, key, attention_mask, scaling, softcap) -> torch.Tensor:
-    """Softmax attention of the last query position over all keys: [B, H, S] in float32."""
-    q = query[:, :, -1, :].float()  # [B, H, D]
-    k = key.float()
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
+    """Softmax attention of the last query position over all keys: [B, H, S] in float32.
+
+    As transformers' eager attention: the scores in the model's dtype, the softmax in float32. Query
+    heads are grouped onto their key/value head by a view, so ``key`` is neither repeated nor copied.
+    """
+    b, h, _, d = query.shape
+    kv = key.shape[1]
     if scaling is None:
-        scaling = 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.einsum("bhd,bhsd->bhs", q, k) * scaling
+        scaling = 1.0 / math.sqrt(d)
+    q = query[:, :, -1:, :].reshape(b, kv, h // kv, d)  # head i reads key/value head i // (h // kv)
+    scores = torch.matmul(q, key.transpose(-1, -2)).reshape(b, h, -1).float() * scaling
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None and attention_mask.dim() == 4:
-        row = attention_mask[:, :, -1, : k.shape[2]]
+        row = attention_mask[:, :, -1, : key.shape[2]]
         scores = scores.masked_fill(~row, float("-inf")) if row.dtype == torch.bool else scores + row.float()
     else:  # flash-style kernels get a 2-D padding mask (or none): rebuild the last row from the inputs
-        keep = _capture.components[:, -k.shape[2] :] != PAD
+        keep = _capture.components[:, -key.shape[2] :] != PAD
         window = getattr(module, "sliding_window", None)
         if window:
-            keep = keep & (torch.arange(k.shape[2], device=keep.device) >= k.shape[2] - window)
+            keep = keep & (torch.arange(key.shape[2], device=keep.device) >= key.shape[2] - window)
         scores = scores.masked_fill(~keep[:, None, :], float("-inf"))
     return torch.softmax(scores, dim=-1)
 
