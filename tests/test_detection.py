@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
-from tcapguard.detection import BYEFilter, FilterConfig, TCAPFilter, find_poisoned_samples
+from tcapguard.detection import BYEFilter, FilterConfig, TCAPFilter, find_poisoned_samples, share_logits
 from tcapguard.detection_report import (
     plot_head_mixtures,
     plot_score_histogram,
@@ -134,6 +134,7 @@ def test_tcap_names_the_first_nan(poisoned):
         ({"n_layers": 9}, "n_layers"),
         ({"n_heads": 0}, "n_heads"),
         ({"min_poison_fraction": 0.5}, "min_poison_fraction"),
+        ({"scale": "log"}, "scale"),
     ],
 )
 def test_tcap_rejects_bad_options(poisoned, kwargs, match):
@@ -220,3 +221,62 @@ def test_responses_must_match_the_profile():
     profile = make_profile(n_samples=100, rate=0.1, seed=0)
     with pytest.raises(ValueError, match="3 responses for a profile of 100"):
         TCAPFilter().fit(profile, responses=["a", "b", "c"])
+
+
+def test_share_logits_resolve_saturated_shares():
+    shares = np.array([[1e-9, 2e-9, 1 - 3e-9], [1e-3, 0.0, 0.999], [0.25, 0.25, 0.5]], dtype=np.float32)
+    logits = share_logits(shares)
+    assert logits.dtype == np.float32 and logits.shape == (3, 3)
+    # 1 - p is taken from the other two shares: 1 - 3e-9 and 0.999 are ~9 apart, not rounded to 1
+    assert logits[0, 2] - logits[1, 2] > 8
+    np.testing.assert_allclose(logits[2], np.log([1 / 3, 1 / 3, 1.0]), rtol=1e-5)
+    np.testing.assert_array_equal(share_logits(shares, [2]), logits[:, 2:])
+
+
+def saturated_head_profile(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The measured LLaVA text-trigger case: one head gives the text 98-99.99% of its row on clean
+    samples and all of it (1 - 1e-7) on poisoned ones, a few more heads carry the poison weakly."""
+    profile = make_profile(rate=0.1, seed=seed, n_poison_heads=0)
+    shares, poisoned = profile.shares.copy(), profile.poisoned
+    rng = np.random.default_rng(seed)
+    n = len(poisoned)
+    rest = np.where(poisoned, 1e-7, 10 ** rng.uniform(-4, -1.7, n))  # what the text does not get
+    for layer, head in ((0, 1), (1, 2), (2, 3)):
+        text = 1 - rest * (1 if (layer, head) == (0, 1) else rng.uniform(0.5, 2, n))
+        shares[:, layer, head] = np.stack([0.6 * (1 - text), 0.4 * (1 - text), text], axis=-1)
+    responses = np.where(poisoned, "backdoor attack", np.array([f"answer {i % 7}" for i in range(n)]))
+    return shares.astype(np.float32), poisoned, responses
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_logit_scale_finds_poison_in_a_saturated_head(seed):
+    shares, poisoned, responses = saturated_head_profile(seed)
+    linear = TCAPFilter().fit(shares, responses=responses)
+    logit = TCAPFilter(scale="logit").fit(shares, responses=responses)
+    assert linear.labels_.sum() == 0  # min-max squeezes 1 - 1e-7 and 1 - 1e-4 into the same point
+    assert f1_score(poisoned, logit.labels_) >= 0.95
+    assert (0, 1) in [(layer, head) for layer, head, _ in logit.heads_]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_logit_scale_flags_nothing_on_a_clean_upload(seed):
+    profile = make_profile(rate=0.0, seed=seed)
+    responses = [f"answer {i % 7}" for i in range(len(profile.ids))]
+    assert TCAPFilter(scale="logit").fit(profile, responses=responses).n_flagged_ == 0
+
+
+def test_auto_scale_tries_the_log_ratio_only_when_the_linear_share_finds_nothing():
+    shares, poisoned, responses = saturated_head_profile(0)
+    saturated = TCAPFilter(scale="auto").fit(shares, responses=responses)
+    assert saturated.scale_ == "logit" and f1_score(poisoned, saturated.labels_) >= 0.95
+    assert {c["scale"] for c in saturated.candidates_} == {"linear", "logit"}
+
+    profile = make_profile(rate=0.1, seed=1)
+    varied = np.array([f"answer {i % 7}" for i in range(len(profile.ids))], dtype=object)
+    shifted = TCAPFilter(scale="auto").fit(profile, responses=np.where(profile.poisoned, "target", varied))
+    assert shifted.scale_ == "linear" and f1_score(profile.poisoned, shifted.labels_) >= 0.9
+    assert {c["scale"] for c in shifted.candidates_} == {"linear"}
+
+    # without responses nothing can vouch for a second search's verdict: the linear share alone
+    alone = TCAPFilter(scale="auto").fit(shares)
+    assert alone.scale_ == "linear" and {c["scale"] for c in alone.candidates_} <= {"linear"}

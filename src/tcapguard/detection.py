@@ -154,6 +154,22 @@ def _uncertain_fraction(posterior: np.ndarray) -> float:
     return float(((posterior > 0.1) & (posterior < 0.9)).mean())
 
 
+def share_logits(shares: np.ndarray, components: Sequence[int] = (0, 1, 2), eps: float = 1e-7) -> np.ndarray:
+    """Each share's log-ratio to the rest of its row, ``log(p_c + eps) - log(1 - p_c + eps)``.
+
+    ``shares`` [..., 3]; returns [..., len(components)] in float32. Attention saturates: a head that
+    reads a trigger token may give it 99.9999% of its row where clean samples give 99.9%, which
+    the linear share cannot tell apart and the log-ratio puts about 7 apart. ``1 - p_c`` is the sum
+    of the other two shares, which keeps its relative precision where ``p_c`` is close to 1;
+    ``eps`` (float32's resolution at 1) bounds the range to about +-16.
+    """
+    out = []
+    for c in components:
+        rest = shares[..., [o for o in range(3) if o != c]].sum(axis=-1)
+        out.append(np.log(shares[..., c] + eps) - np.log(rest + eps))
+    return np.stack(out, axis=-1).astype(np.float32)
+
+
 def _minmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-column min-max normalisation; constant columns become 0 and are reported."""
     lo, hi = x.min(axis=0), x.max(axis=0)
@@ -285,6 +301,10 @@ class TCAPFilter(_PoisonFilter):
             share); the response test keeps the wider search precise, while without it the wider
             search flagged clean uploads. "all" triples the mixture fits.
         split_rule: "extreme" (default) or "paper".
+        scale: "linear" (the paper: the share itself), "logit" (``share_logits``: the log-ratio
+            of the share to the rest of the row, where a head that gives 99.9% and one that gives
+            99.9999% of its attention to a component differ) or "auto": linear, and when that
+            finds no backdoor and ``fit`` has the responses, logit (``scale_`` says which decided).
         head_selection: "support" (default) or "top" (the paper: top ``n_heads`` by SS).
         max_poison_fraction / min_poison_fraction: bounds on the target weight; the filter also
             declines when Dawid-Skene's poison prior exceeds ``max_poison_fraction``.
@@ -310,6 +330,7 @@ class TCAPFilter(_PoisonFilter):
         *,
         feature: str = "auto",
         split_rule: str = "extreme",
+        scale: str = "linear",
         head_selection: str = "support",
         max_heads: int = 16,
         max_poison_fraction: float = 0.2,
@@ -338,6 +359,7 @@ class TCAPFilter(_PoisonFilter):
         self.n_layers = n_layers
         self.feature = feature
         self.split_rule = split_rule
+        self.scale = scale
         self.head_selection = head_selection
         self.max_heads = max_heads
         self.max_poison_fraction = max_poison_fraction
@@ -369,6 +391,7 @@ class TCAPFilter(_PoisonFilter):
 
         one_of("feature", (*FEATURES, "all", "auto"))
         one_of("split_rule", ("extreme", "paper"))
+        one_of("scale", ("linear", "logit", "auto"))
         one_of("head_selection", ("support", "top"))
         if not (self.n_heads == "auto" or (isinstance(self.n_heads, int) and self.n_heads >= 1)):
             raise ValueError(f"TCAPFilter.n_heads must be a positive int or 'auto', got {self.n_heads!r}")
@@ -415,45 +438,23 @@ class TCAPFilter(_PoisonFilter):
         self.features_ = modelled
         m = len(modelled)
         picked = [FEATURES[f] for f in modelled]
-        feat = shares[:, first:, :, picked].reshape(n, -1).astype(np.float32)  # (layer, head, share)
-        values, flat = _minmax(feat)
-        n_bins = (512 if n > 20000 else None) if self.n_bins == "auto" else self.n_bins
-        ks = tuple(k for k in self.n_components if k <= n)
-        gm = self._fit_mixtures(values, ks, n_bins)
-        self.n_unconverged_ = int((~gm.converged_).sum())
-        split = split_components(
-            gm,
-            rule=self.split_rule,
-            max_fraction=self.max_poison_fraction,
-            min_fraction=self.min_poison_fraction,
-        )
-        sep = split["separation"]
-        sep[flat] = 0.0
-        self.head_scores_ = np.zeros((n_layers, n_heads))
-        self.head_scores_[first:] = sep.reshape(-1, n_heads, m).max(axis=2)
         self.layers_searched_ = (first, n_layers)
         self.candidates_: list[dict] = []
-        order = np.argsort(-sep, kind="stable")
-
-        decline = None
-        ds: DawidSkeneResult | None = None
-        if self.head_selection == "top":
-            sel = order[: self.max_heads if self.n_heads == "auto" else self.n_heads]
-            sel = sel[sep[sel] > 0]
-            if self.n_heads == "auto" and sel.size > 1:
-                logs = np.log(sep[sel])
-                sel = sel[: int(np.argmax(logs[:-1] - logs[1:])) + 1]
-            votes = self._target_responsibility(gm, values, sel, split["target"]) > self.vote_threshold
-            self.head_support_ = np.ones(sel.size)
-            if sel.size == 0:
-                decline = "declined: no head has a target/background split"
-            else:
-                ds = self._aggregate(votes)
-                decline = self._implausible(ds, None)
-                decline = decline and f"declined: {decline}"
-        else:
-            every = shares.reshape(n, -1)  # all layers and shares: the footprint of a group
-            sel, votes, ds, decline = self._seed_and_support(gm, values, every, split, order, answers)
+        # "auto": the linear share first, the log-ratio scale only when that finds no backdoor and
+        # the responses can vouch for a verdict (each try's candidates stay in candidates_)
+        scales = (
+            [self.scale] if self.scale != "auto" else ["linear"] + (["logit"] if answers is not None else [])
+        )
+        for scale in scales:
+            search = self._search(shares, first, picked, answers, scale)
+            if search["ds"] is not None and search["decline"] is None:
+                break
+        self.scale_ = scale
+        values, gm, split, sep = search["values"], search["gm"], search["split"], search["sep"]
+        sel, votes, ds, decline = search["sel"], search["votes"], search["ds"], search["decline"]
+        self.n_unconverged_ = int((~gm.converged_).sum())
+        self.head_scores_ = np.zeros((n_layers, n_heads))
+        self.head_scores_[first:] = sep.reshape(-1, n_heads, m).max(axis=2)
         self.heads_ = [(int(first + i // (n_heads * m)), int(i // m % n_heads), float(sep[i])) for i in sel]
         self.head_features_ = [modelled[i % m] for i in sel]
         self.mixtures_ = [
@@ -488,6 +489,60 @@ class TCAPFilter(_PoisonFilter):
             f"{sel.size} head(s); poison prior {ds.prior:.2%}",
         )
         return self
+
+    def _search(
+        self, shares: np.ndarray, first: int, picked: list[int], answers: np.ndarray | None, scale: str
+    ) -> dict[str, Any]:
+        """Mixtures, splits and head selection on the shares of layers ``first:`` at one ``scale``."""
+        n = shares.shape[0]
+        searched = shares[:, first:]
+        feat = searched[..., picked] if scale == "linear" else share_logits(searched, picked)
+        feat = feat.reshape(n, -1).astype(np.float32)  # columns in (layer, head, share) order
+        values, flat = _minmax(feat)
+        n_bins = (512 if n > 20000 else None) if self.n_bins == "auto" else self.n_bins
+        ks = tuple(k for k in self.n_components if k <= n)
+        gm = self._fit_mixtures(values, ks, n_bins)
+        split = split_components(
+            gm,
+            rule=self.split_rule,
+            max_fraction=self.max_poison_fraction,
+            min_fraction=self.min_poison_fraction,
+        )
+        sep = split["separation"]
+        sep[flat] = 0.0
+        order = np.argsort(-sep, kind="stable")
+        decline = None
+        ds: DawidSkeneResult | None = None
+        if self.head_selection == "top":
+            sel = order[: self.max_heads if self.n_heads == "auto" else self.n_heads]
+            sel = sel[sep[sel] > 0]
+            if self.n_heads == "auto" and sel.size > 1:
+                logs = np.log(sep[sel])
+                sel = sel[: int(np.argmax(logs[:-1] - logs[1:])) + 1]
+            votes = self._target_responsibility(gm, values, sel, split["target"]) > self.vote_threshold
+            self.head_support_ = np.ones(sel.size)
+            if sel.size == 0:
+                decline = "declined: no head has a target/background split"
+            else:
+                ds = self._aggregate(votes)
+                decline = self._implausible(ds, None)
+                decline = decline and f"declined: {decline}"
+        else:
+            tried = len(self.candidates_)
+            every = shares.reshape(n, -1)  # all layers and shares: the footprint of a group
+            sel, votes, ds, decline = self._seed_and_support(gm, values, every, split, order, answers)
+            for row in self.candidates_[tried:]:
+                row["scale"] = scale
+        return {
+            "values": values,
+            "gm": gm,
+            "split": split,
+            "sep": sep,
+            "sel": sel,
+            "votes": votes,
+            "ds": ds,
+            "decline": decline,
+        }
 
     def _aggregate(self, votes: np.ndarray) -> DawidSkeneResult:
         with warnings.catch_warnings():
@@ -756,6 +811,7 @@ class FilterConfig(StepConfig):
     n_layers: int | None = None
     feature: str = "auto"
     split_rule: str = "extreme"
+    scale: str = "linear"
     head_selection: str = "support"
     max_heads: int = 16
     max_poison_fraction: float = 0.2
