@@ -5,14 +5,15 @@
         --rates 0.01 0.05 0.1 --seeds 0 1 2                                    # the issue's full grid
 
 Each cell is a tiny world (``tcapguard.tinyworld``: the clean base fine-tuned on the poisoned
-upload, the TCAP protocol's first step), its attention profile and four filters: TCAP on the profile
+upload, the TCAP protocol's first step), its attention profile and five filters: TCAP on the profile
 alone, TCAP given the upload's responses (the pipeline's default: the flagged samples must share one
-response that the rest of the upload does not give; all three shares of every head), the paper's
-reading of TCAP (top 4 heads of the last 2 layers, target = every mixture
-component but the largest) and BYE. No parameter is tuned per cell. Worlds and profiles are cached
-(``TCAPGUARD_CACHE``), so a second sweep only fits the filters; a world not yet built costs ~2.5 min
-of fine-tuning on 2 idle cores. Rate 0 is the clean upload, where the right answer is "nothing
-flagged". Results go to ``benchmarks/results/detection.json``.
+response that the rest of the upload does not give; all three shares of every head; the linear
+share, then its log-ratio), the same on the linear share only, the paper's reading of TCAP (top 4
+heads of the last 2 layers, target = every mixture component but the largest) and BYE. No
+parameter is tuned per cell. Worlds and profiles are cached (``TCAPGUARD_CACHE``), so a second sweep
+only fits the filters; a world not yet built costs ~2.5 min of fine-tuning on 2 idle cores. Rate 0
+is the clean upload, where the right answer is "nothing flagged". Results go to
+``benchmarks/results/detection.json``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ FILTERS = {  # name -> (a fresh filter with its defaults, whether fit gets the r
         False,
     ),
     "bye": (BYEFilter, False),
+    # the default before scale="auto": the linear share only (README, "The filter")
+    "tcap+responses/linear": (lambda: TCAPFilter(scale="linear"), True),
 }
 
 
@@ -102,6 +105,7 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[0.1])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--no-clean", action="store_true", help="skip the clean upload (rate 0)")
+    parser.add_argument("--filters", nargs="+", default=list(FILTERS), choices=list(FILTERS))
     parser.add_argument("--cache-dir", default=None)
     add_base_options(parser)
     parser.add_argument("--out", default="benchmarks/results/detection.json")
@@ -114,7 +118,7 @@ def main() -> None:
     rows = []
     print(
         f"{'family':7s} {'attack':8s} {'rate':>5s} {'seed':>4s} | "
-        + " | ".join(f"{name:>10s}: F1 AUROC flagged" for name in FILTERS)
+        + " | ".join(f"{name:>10s}: F1 AUROC flagged" for name in args.filters)
     )
     for family, attack, rate, seed in cells:
         profile, responses, poisoned = world_profile(base_spec(family, args), attack, rate, seed, cache)
@@ -132,11 +136,13 @@ def main() -> None:
             {
                 name: score(make(), profile, poisoned, responses if with_responses else None)
                 for name, (make, with_responses) in FILTERS.items()
+                if name in args.filters
             }
         )
         rows.append(row)
         cells_text = [
-            f"{'':>10s}  {fmt(row[n]['f1'])} {fmt(row[n]['auroc'])} {row[n]['n_flagged']:7d}" for n in FILTERS
+            f"{'':>10s}  {fmt(row[n]['f1'])} {fmt(row[n]['auroc'])} {row[n]['n_flagged']:7d}"
+            for n in args.filters
         ]
         print(
             f"{family:7s} {attack or 'clean':8s} {rate:5.2f} {seed:4d} | " + " | ".join(cells_text),

@@ -251,7 +251,7 @@ def saturated_head_profile(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
 @pytest.mark.parametrize("seed", [0, 1])
 def test_logit_scale_finds_poison_in_a_saturated_head(seed):
     shares, poisoned, responses = saturated_head_profile(seed)
-    linear = TCAPFilter().fit(shares, responses=responses)
+    linear = TCAPFilter(scale="linear").fit(shares, responses=responses)
     logit = TCAPFilter(scale="logit").fit(shares, responses=responses)
     assert linear.labels_.sum() == 0  # min-max squeezes 1 - 1e-7 and 1 - 1e-4 into the same point
     assert f1_score(poisoned, logit.labels_) >= 0.95
@@ -267,7 +267,7 @@ def test_logit_scale_flags_nothing_on_a_clean_upload(seed):
 
 def test_auto_scale_tries_the_log_ratio_only_when_the_linear_share_finds_nothing():
     shares, poisoned, responses = saturated_head_profile(0)
-    saturated = TCAPFilter(scale="auto").fit(shares, responses=responses)
+    saturated = TCAPFilter().fit(shares, responses=responses)  # the default is scale="auto"
     assert saturated.scale_ == "logit" and f1_score(poisoned, saturated.labels_) >= 0.95
     assert {c["scale"] for c in saturated.candidates_} == {"linear", "logit"}
 
