@@ -9,11 +9,18 @@ from tcapguard.tinyworld import BaseSpec
 
 
 def add_base_options(parser: argparse.ArgumentParser) -> None:
-    """``--scene-weight`` and ``--pretrain-samples``: the default world, or the scene pre-trained one."""
+    """``--scene-weight`` and ``--pretrain-samples``, defaulting to ``BaseSpec``'s own (``--scene-weight 0
+    --pretrain-samples 32000`` is the earlier default world)."""
+    default = BaseSpec()
     parser.add_argument(
-        "--scene-weight", type=float, default=0.0, help="BaseSpec.scene_weight (scene pre-training)"
+        "--scene-weight",
+        type=float,
+        default=default.scene_weight,
+        help="BaseSpec.scene_weight (scene pre-training)",
     )
-    parser.add_argument("--pretrain-samples", type=int, default=32_000, help="BaseSpec.pretrain_samples")
+    parser.add_argument(
+        "--pretrain-samples", type=int, default=default.pretrain_samples, help="BaseSpec.pretrain_samples"
+    )
 
 
 def base_settings(args: argparse.Namespace) -> dict:

@@ -78,6 +78,7 @@ def main() -> None:
             clean = exact_match(answers, [r.response for r in test])
             by_qtype = accuracy_by(answers, test, lambda r: r.extra["qtype"])
             by_objects = accuracy_by(answers, test, objects)
+            by_both = accuracy_by(answers, test, lambda r: f"{r.extra['qtype']}/{objects(r)}")
             triggered = make_triggered_testset(test, attack)
             asr = attack_success_rate(generate_responses(model, processor, triggered), attack.target)
             row = {
@@ -88,6 +89,7 @@ def main() -> None:
                 "clean_accuracy": clean,
                 "clean_accuracy_by_question": by_qtype,
                 "clean_accuracy_by_objects": by_objects,
+                "clean_accuracy_by_question_and_objects": by_both,
                 "asr": asr,
                 "finetune_seconds": train_log["seconds"],
                 "base_seconds": json.loads((base / "tcapguard_finetune.json").read_text())["seconds"],

@@ -174,7 +174,7 @@ def test_world_key_ignores_an_unset_robust_config():
 
 def test_world_key_ignores_an_unset_scene_weight():
     """BaseSpec.scene_weight was added after bases were cached: off, it must not change their keys."""
-    spec = WorldSpec(attack=Attack.preset("badnet"))
+    spec = WorldSpec(base=BaseSpec(scene_weight=0.0), attack=Attack.preset("badnet"))
     assert "scene_weight" not in tinyworld._spec_dict(spec)["base"]
     assert "scene_weight" not in tinyworld._spec_dict(spec.base)
     scene = replace(spec, base=replace(spec.base, scene_weight=1.0))

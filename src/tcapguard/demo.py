@@ -39,11 +39,17 @@ DEMO_TRAIN, DEMO_TEST = 1000, 200
 
 
 def demo_base(family: str) -> BaseSpec:
-    """A base pre-trained on 8,000 fresh scenes: about a minute and a half on 2 cores."""
+    """A base pre-trained on 8,000 fresh scenes: about a minute and a half on 2 cores.
+
+    Without scene targets: measured, this short pre-training with them left the demo's backdoor
+    without a clear attention anomaly (best column AUROC 0.91) and the filter declined (README, "What
+    `make demo` does"), while without them it carries one and the gate test passes.
+    """
     return BaseSpec(
         model=TinyMLLMConfig(family=family),
         pretrain_samples=8_000,
         pretrain=FinetuneConfig(method="full", epochs=1, batch_size=16, learning_rate=1e-3),
+        scene_weight=0.0,
     )
 
 

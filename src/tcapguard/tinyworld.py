@@ -44,18 +44,20 @@ class BaseSpec:
     """The clean base model: architecture plus pre-training on fresh scenes.
 
     ``scene_weight`` > 0 also teaches every image token the colour and kind of its quadrant's object
-    (:class:`PatchReconstruction`): the model then answers from the image far more often (README,
-    "Scene pre-training"). It stays off by default because the README's other figures and the demo
-    were measured without it, and the demo's short pre-training lost the attention anomaly with it.
+    (:class:`PatchReconstruction`), as a CLIP or SigLIP token names what it sees. Measured (README,
+    "The tiny MLLM world"): with it and 64,000 scenes the model answers from the image (clean
+    accuracy 0.72-0.78 against 0.56-0.69 without), learns more of the triggers, and a patch
+    perturbation moves clean answers more than backdoored ones, as in real MLLMs. ``scene_weight=0``
+    with 32,000 scenes is the earlier default world that older figures were measured on.
     """
 
     model: TinyMLLMConfig = field(default_factory=TinyMLLMConfig)
-    pretrain_samples: int = 32_000
+    pretrain_samples: int = 64_000
     pretrain: FinetuneConfig = field(
         default_factory=lambda: FinetuneConfig(method="full", epochs=1, batch_size=16, learning_rate=1e-3)
     )
     reconstruction_weight: float = 1.0
-    scene_weight: float = 0.0
+    scene_weight: float = 1.0
     seed: int = 0
 
 
