@@ -305,9 +305,9 @@ class TCAPFilter(_PoisonFilter):
             of the share to the rest of the row, where a head that gives 99.9% and one that gives
             99.9999% of its attention to a component differ) or "auto" (default): linear, and when
             that finds no backdoor and ``fit`` has the responses, logit (``scale_`` says which
-            decided). Measured on the tiny worlds: auto found four backdoors that linear missed (in
-            22 poisoned uploads over three seeds) and flagged nothing in six clean ones. Without
-            responses it is linear.
+            decided). Measured on the tiny worlds: auto found six backdoors that linear missed (in
+            26 poisoned uploads over four seeds, the fourth held out) and flagged nothing in eight
+            clean ones. Without responses it is linear.
         head_selection: "support" (default) or "top" (the paper: top ``n_heads`` by SS).
         max_poison_fraction / min_poison_fraction: bounds on the target weight; the filter also
             declines when Dawid-Skene's poison prior exceeds ``max_poison_fraction``.
