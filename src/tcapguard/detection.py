@@ -448,8 +448,10 @@ class TCAPFilter(_PoisonFilter):
         scales = (
             [self.scale] if self.scale != "auto" else ["linear"] + (["logit"] if answers is not None else [])
         )
+        # the footprint ranks come from the raw shares of every layer: one computation for all scales
+        footprint = self._footprint_ranks(shares) if self.head_selection == "support" else None
         for scale in scales:
-            search = self._search(shares, first, picked, answers, scale)
+            search = self._search(shares, first, picked, answers, scale, footprint)
             if search["ds"] is not None and search["decline"] is None:
                 break
         self.scale_ = scale
@@ -493,8 +495,22 @@ class TCAPFilter(_PoisonFilter):
         )
         return self
 
+    def _footprint_ranks(self, shares: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A seeded subsample of at most 5,000 samples and the ranks of every head-share column (all
+        layers and shares) within it: what a candidate group's support and footprint are read from."""
+        n = shares.shape[0]
+        rng = np.random.default_rng(self.random_state)
+        sub = np.sort(rng.choice(n, size=min(n, 5000), replace=False))
+        return sub, _column_ranks(shares.reshape(n, -1)[sub])
+
     def _search(
-        self, shares: np.ndarray, first: int, picked: list[int], answers: np.ndarray | None, scale: str
+        self,
+        shares: np.ndarray,
+        first: int,
+        picked: list[int],
+        answers: np.ndarray | None,
+        scale: str,
+        footprint: tuple[np.ndarray, np.ndarray] | None,
     ) -> dict[str, Any]:
         """Mixtures, splits and head selection on the shares of layers ``first:`` at one ``scale``."""
         n = shares.shape[0]
@@ -532,8 +548,7 @@ class TCAPFilter(_PoisonFilter):
                 decline = decline and f"declined: {decline}"
         else:
             tried = len(self.candidates_)
-            every = shares.reshape(n, -1)  # all layers and shares: the footprint of a group
-            sel, votes, ds, decline = self._seed_and_support(gm, values, every, split, order, answers)
+            sel, votes, ds, decline = self._seed_and_support(gm, values, footprint, split, order, answers)
             for row in self.candidates_[tried:]:
                 row["scale"] = scale
         return {
@@ -608,7 +623,7 @@ class TCAPFilter(_PoisonFilter):
         self,
         gm: GaussianMixture1D,
         values: np.ndarray,
-        every: np.ndarray,
+        footprint: tuple[np.ndarray, np.ndarray],
         split: dict,
         order: np.ndarray,
         answers: np.ndarray | None = None,
@@ -627,9 +642,7 @@ class TCAPFilter(_PoisonFilter):
         sep = split["separation"]
         cand = order[: self.max_candidates]
         cand = cand[sep[cand] >= self.min_separation]
-        rng = np.random.default_rng(self.random_state)
-        sub = np.sort(rng.choice(n, size=min(n, 5000), replace=False))
-        ranks = _column_ranks(every[sub])
+        sub, ranks = footprint
         resp = self._target_responsibility(gm, values, cand, split["target"])
         self.head_support_ = np.zeros(0)
         for j, i in enumerate(cand):
