@@ -10,9 +10,13 @@
 every other variant fine-tunes the same clean base on the same poisoned upload with the same recipe
 plus ``FinetuneConfig.robust``; (c) "tcap" and (d) "tcap+robust" first drop what the pipeline's
 default filter flags (``FilterConfig()`` on the world's profile, given the upload's responses).
-Robust and filtered models are cached by content hash next to the worlds (``TCAPGUARD_CACHE``), so a
-second run only evaluates. Rows are appended to the JSON results file as they finish (``--out``,
-default ``benchmarks/results/robust.json``); a row with the same key replaces the old one.
+Beside each model's ASR is the estimate a production gate sees without knowing the attack:
+residual ASR (``tcapguard.evaluation.residual_asr``) from the default filter's flags on the upload
+and the trigger regions it localises, replayed and pasted through that model (0 by definition when
+the filter flags nothing). Robust and filtered models are cached by content hash next to the
+worlds (``TCAPGUARD_CACHE``), so a second run only evaluates. Rows are appended to the JSON
+results file as they finish (``--out``, default ``benchmarks/results/robust.json``); a row with the
+same key replaces the old one.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import torch
 from base_options import add_base_options, base_spec
 from tcapguard.attacks import Attack, make_triggered_testset
 from tcapguard.detection import FilterConfig
-from tcapguard.evaluation import attack_success_rate, exact_match, generate_responses
+from tcapguard.evaluation import attack_success_rate, exact_match, generate_responses, residual_asr
+from tcapguard.localization import Box, flagged_attention_maps, suspected_regions
 from tcapguard.models import load_model
 from tcapguard.storage import publish_directory
 from tcapguard.tinyworld import WorldSpec, build_world, default_cache_dir
@@ -57,12 +62,16 @@ def _value(text: str) -> object:
         return text
 
 
-def flagged_ids(world) -> list[str]:
-    """What the pipeline's default filter flags in the world's upload."""
+def filter_upload(world) -> tuple[list[str], dict[str, Box]]:
+    """What the pipeline's default filter flags in the world's upload, and the suspected trigger
+    regions that the filter step localises with the probe model (the world's own fine-tune)."""
     profile = world.load_profile()
-    responses = [r.response for r in world.load_train().records]
-    estimator = FilterConfig().fit(profile, responses)
-    return [i for i, flag in zip(profile.ids, estimator.labels_, strict=True) if flag]
+    train = world.load_train()
+    estimator = FilterConfig().fit(profile, [r.response for r in train.records])
+    flagged = [i for i, flag in zip(profile.ids, estimator.labels_, strict=True) if flag]
+    model, processor = load_model(world.model)
+    maps = flagged_attention_maps(estimator, model, processor, train, flagged)
+    return flagged, suspected_regions(train, maps)
 
 
 def robust_model(
@@ -87,11 +96,29 @@ def robust_model(
     return final, log["seconds"]
 
 
-def evaluate(model_dir: Path, test, triggered, target: str) -> dict[str, float]:
+def evaluate(
+    model_dir: Path, test, triggered, target: str, train, flagged: list[str], regions: dict[str, Box]
+) -> dict[str, float | None]:
+    """Clean accuracy and ASR, and beside the ASR the trigger-agnostic estimate a gate would see:
+    residual ASR from the default filter's flags on the upload (0 by definition when it flags none)."""
     model, processor = load_model(model_dir)
-    clean = exact_match(generate_responses(model, processor, test), [r.response for r in test])
+    answers = generate_responses(model, processor, test)
+    clean = exact_match(answers, [r.response for r in test])
     asr = attack_success_rate(generate_responses(model, processor, triggered), target)
-    return {"clean_exact_match": clean, "asr": asr}
+    residual = residual_asr(
+        model,
+        processor,
+        train,
+        flagged,
+        test,
+        regions=regions,
+        clean_responses={r.id: a for r, a in zip(test, answers, strict=True)},
+    ).metrics
+    return {
+        "clean_exact_match": clean,
+        "asr": asr,
+        **{k: residual[k] for k in ("residual_asr", "residual_asr_replay", "residual_asr_paste")},
+    }
 
 
 def main() -> None:
@@ -130,7 +157,8 @@ def main() -> None:
                     world = build_world(spec, cache)
                     test = world.load_test()
                     triggered = make_triggered_testset(test, attack)
-                    flagged = flagged_ids(world) if FILTERED & set(args.variants) else None
+                    train = world.load_train()
+                    flagged, regions = filter_upload(world)
                     for variant in args.variants:
                         start = time.perf_counter()
                         drop = flagged if variant in FILTERED else None
@@ -143,7 +171,7 @@ def main() -> None:
                             ]
                         else:
                             model_dir, seconds = robust_model(spec, world, robust, cache, drop)
-                        metrics = evaluate(model_dir, test, triggered, attack.target)
+                        metrics = evaluate(model_dir, test, triggered, attack.target, train, flagged, regions)
                         name = variant + (args.tag if robust is not None else "")
                         row = {
                             "family": family,
@@ -169,6 +197,7 @@ def main() -> None:
                         print(
                             f"{family} {kind} {rate:.2f} seed={seed} {name:14s} "
                             f"clean={metrics['clean_exact_match']:.3f} asr={metrics['asr']:.3f} "
+                            f"residual={metrics['residual_asr']:.3f} "
                             f"finetune={seconds:.0f}s",
                             flush=True,
                         )
@@ -179,19 +208,21 @@ def print_table(rows: list[dict]) -> None:
     """Markdown table; ASR cut and clean drop are relative to the plain row of the same world."""
     plain = {(r["family"], r["attack"], r["rate"], r["seed"]): r for r in rows if r["variant"] == "plain"}
     print(
-        "\n| family | attack | rate | seed | variant | clean acc | ASR | ASR cut vs plain "
+        "\n| family | attack | rate | seed | variant | clean acc | ASR | residual ASR | ASR cut vs plain "
         "| clean drop (pts) | fine-tune s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ref = plain.get((r["family"], r["attack"], r["rate"], r["seed"]))
         cut = drop = "-"
         if ref is not None and r["variant"] != "plain":
             cut = f"{1 - r['asr'] / ref['asr']:.0%}" if ref["asr"] > 0 else "-"
             drop = f"{100 * (ref['clean_exact_match'] - r['clean_exact_match']):+.1f}"
+        residual = "-" if r.get("residual_asr") is None else f"{r['residual_asr']:.3f}"
         print(
             f"| {r['family']} | {r['attack']} | {r['rate']:.2f} | {r['seed']} | {r['variant']} | "
-            f"{r['clean_exact_match']:.3f} | {r['asr']:.3f} | {cut} | {drop} | {r['finetune_seconds']:.0f} |"
+            f"{r['clean_exact_match']:.3f} | {r['asr']:.3f} | {residual} | {cut} | {drop} | "
+            f"{r['finetune_seconds']:.0f} |"
         )
 
 

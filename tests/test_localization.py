@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from tcapguard import world
-from tcapguard.localization import attention_maps, hot_region, plot_overlays, suspected_regions
+from tcapguard.localization import (
+    attention_maps,
+    flagged_attention_maps,
+    hot_region,
+    plot_overlays,
+    suspected_regions,
+)
 from tcapguard.tiny import FAMILIES
 
 
@@ -32,6 +38,25 @@ def test_no_heads_is_an_error(tiny_models, scenes):
     model, processor = tiny_models.load("llava")
     with pytest.raises(ValueError, match="at least one"):
         attention_maps(model, processor, scenes, [scenes.records[0].id], [])
+
+
+class _Fitted:  # what flagged_attention_maps reads of a fitted filter: its selected (layer, head, SS)
+    def __init__(self, heads):
+        self.heads_ = heads
+
+
+def test_flagged_maps_use_the_filters_heads_and_the_first_flagged(tiny_models, scenes):
+    model, processor = tiny_models.load("llava")
+    ids = [r.id for r in scenes.records]
+    # duplicates (one head on several shares) count once; the fifth distinct head is not used
+    heads = [(1, 3, 40.0), (1, 3, 30.0), (0, 0, 20.0), (0, 1, 10.0), (1, 0, 9.0), (1, 1, 8.0)]
+    maps = flagged_attention_maps(_Fitted(heads), model, processor, scenes, ids, limit=2)
+    expected = attention_maps(model, processor, scenes, ids[:2], [(1, 3), (0, 0), (0, 1), (1, 0)])
+    assert sorted(maps) == sorted(expected)
+    for i in expected:
+        np.testing.assert_allclose(maps[i], expected[i], atol=1e-6)
+    assert flagged_attention_maps(_Fitted(heads), model, processor, scenes, []) == {}  # nothing flagged
+    assert flagged_attention_maps(_Fitted([]), model, processor, scenes, ids) == {}  # the filter declined
 
 
 def test_hot_region_boxes_the_hot_corner():

@@ -107,6 +107,22 @@ def hot_region(grid: np.ndarray, image_size: tuple[int, int], *, relative: float
     )
 
 
+#: Flagged image samples localised per filter run: enough paste probes for residual ASR at a bounded
+#: cost (one extra forward pass each through the probe model).
+MAX_LOCALISED = 64
+
+
+def flagged_attention_maps(
+    estimator, model, processor, dataset: Dataset, flagged: Sequence[str], *, limit: int = MAX_LOCALISED
+) -> dict[str, np.ndarray]:
+    """``attention_maps`` of the first ``limit`` flagged samples under the filter's selected heads (at
+    most four distinct (layer, head) pairs); empty when nothing is flagged or no head was selected."""
+    heads = list(dict.fromkeys((layer, head) for layer, head, _ in getattr(estimator, "heads_", [])))[:4]
+    if not (flagged and heads):
+        return {}
+    return attention_maps(model, processor, dataset, list(flagged)[:limit], heads)
+
+
 def suspected_regions(dataset: Dataset, maps: dict[str, np.ndarray]) -> dict[str, Box]:
     """Per record id, the pixel box of ``hot_region`` on its image: the suspected trigger regions
     that residual ASR pastes onto clean test images (``tcapguard.evaluation.residual_asr``)."""

@@ -295,8 +295,8 @@ def filter_samples(
     """Fit the filter on ``profile``, write the cleaned upload and the reports under ``out``.
 
     With ``model`` (the probe model) and a TCAP filter that selected heads, flagged image samples
-    (the first ``MAX_LOCALISED``) are localised: where those heads look, as an overlay plot and as
-    suspected trigger regions (``regions.json``) for residual ASR's paste probes.
+    (the first ``localization.MAX_LOCALISED``) are localised: where those heads look, as an overlay
+    plot and as suspected trigger regions (``regions.json``) for residual ASR's paste probes.
     """
     from tcapguard import detection_report
     from tcapguard.profiling import load_profile
@@ -335,20 +335,15 @@ def filter_samples(
     return FilterResult(**paths, plots=plots, regions=regions, n_flagged=len(flagged), n_samples=len(dataset))
 
 
-#: Flagged image samples localised per run: enough paste probes for residual ASR at a bounded cost
-#: (one extra forward pass each through the probe model).
-MAX_LOCALISED = 64
-
-
 def _localise(estimator, dataset: Dataset, flagged: list[str], model: str | None) -> dict[str, np.ndarray]:
-    """Where the selected heads look in the first ``MAX_LOCALISED`` flagged images (id -> grid)."""
+    """Where the selected heads look in the first ``localization.MAX_LOCALISED`` flagged images
+    (id -> grid)."""
     if not (model and flagged and getattr(estimator, "heads_", None)):
         return {}
-    from tcapguard.localization import attention_maps
+    from tcapguard.localization import flagged_attention_maps
 
     loaded, processor = _load(model)
-    heads = list(dict.fromkeys((layer, head) for layer, head, _ in estimator.heads_))[:4]
-    return attention_maps(loaded, processor, dataset, flagged[:MAX_LOCALISED], heads)
+    return flagged_attention_maps(estimator, loaded, processor, dataset, flagged)
 
 
 def _filter_plots(estimator, dataset: Dataset, maps: dict[str, np.ndarray], out: str) -> list[str]:
