@@ -23,6 +23,7 @@ from scipy.stats import rankdata
 
 from base_options import add_base_options, base_settings, base_spec
 from detection import world_profile
+from tcapguard.detection import _normalized_responses, _two_sided_auroc
 from tcapguard.tinyworld import default_cache_dir
 
 # the uploads measured in benchmarks/results/detection*.json: (attacks, seeds), plus a clean upload per seed
@@ -33,26 +34,20 @@ DEFAULT_CELLS = (
 )
 
 
-def column_aurocs(ranks: np.ndarray, member: np.ndarray) -> np.ndarray:
-    """Two-sided AUROC (folded to >= 0.5) of ``member`` vs the rest in every column, from the columns'
-    ranks (Mann-Whitney)."""
-    n1, n0 = int(member.sum()), int((~member).sum())
-    auc = (ranks[member].sum(axis=0) - n1 * (n1 + 1) / 2) / (n1 * n0)
-    return np.maximum(auc, 1 - auc)
-
-
 def answer_groups(profile, responses: list[str], poisoned: list[str], low: float, high: float) -> list[dict]:
     """One row per answer that a share in [low, high] of the upload gives."""
     n = len(responses)
-    answers = np.array([" ".join(r.lower().split()).strip(" .!?,;:") for r in responses], dtype=object)
+    answers = _normalized_responses(responses, n)  # as the filter's response test reads them
     truth = np.isin(np.asarray(profile.ids), poisoned)
-    ranks = rankdata(np.asarray(profile.shares, dtype=np.float64).reshape(n, -1), axis=0)
+    ranks = rankdata(  # ties averaged (Mann-Whitney)
+        np.asarray(profile.shares, dtype=np.float64).reshape(n, -1), axis=0
+    )
     rows = []
     for answer, count in zip(*np.unique(answers, return_counts=True), strict=True):
         if not low <= count / n <= high:
             continue
         group = answers == answer
-        auc = column_aurocs(ranks, group)
+        auc = _two_sided_auroc(ranks, group)
         rows.append(
             {
                 "answer": str(answer),

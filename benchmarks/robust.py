@@ -62,11 +62,10 @@ def _value(text: str) -> object:
         return text
 
 
-def filter_upload(world) -> tuple[list[str], dict[str, Box]]:
-    """What the pipeline's default filter flags in the world's upload, and the suspected trigger
-    regions that the filter step localises with the probe model (the world's own fine-tune)."""
+def filter_upload(world, train) -> tuple[list[str], dict[str, Box]]:
+    """What the pipeline's default filter flags in the world's upload ``train``, and the suspected
+    trigger regions that the filter step localises with the probe model (the world's own fine-tune)."""
     profile = world.load_profile()
-    train = world.load_train()
     estimator = FilterConfig().fit(profile, [r.response for r in train.records])
     flagged = [i for i, flag in zip(profile.ids, estimator.labels_, strict=True) if flag]
     model, processor = load_model(world.model)
@@ -158,7 +157,7 @@ def main() -> None:
                     test = world.load_test()
                     triggered = make_triggered_testset(test, attack)
                     train = world.load_train()
-                    flagged, regions = filter_upload(world)
+                    flagged, regions = filter_upload(world, train)
                     for variant in args.variants:
                         start = time.perf_counter()
                         drop = flagged if variant in FILTERED else None
