@@ -230,7 +230,8 @@ def test_residual_asr_replay_paste_and_baseline(constant_model, upload, vqa):
     assert (
         result.metrics["residual_asr_paste_baseline"] == 1.0 and result.metrics["residual_asr_paste"] == 0.0
     )
-    assert result.metrics["residual_asr"] == pytest.approx(4 / 8)
+    # the worse probe, not the pooled 4 of 8: replay shows this backdoor fully alive
+    assert result.metrics["residual_asr"] == 1.0
     assert {s["split"] for s in result.samples} == {"residual_replay", "residual_paste"}
 
 
