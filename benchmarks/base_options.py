@@ -9,8 +9,8 @@ from tcapguard.tinyworld import BaseSpec
 
 
 def add_base_options(parser: argparse.ArgumentParser) -> None:
-    """``--scene-weight`` and ``--pretrain-samples``, defaulting to ``BaseSpec``'s own (``--scene-weight 0
-    --pretrain-samples 32000`` is the earlier default world)."""
+    """``--scene-weight``, ``--pretrain-samples`` and ``--questions-per-scene``, defaulting to
+    ``BaseSpec``'s own (``--scene-weight 0 --pretrain-samples 32000`` is the earlier default world)."""
     default = BaseSpec()
     parser.add_argument(
         "--scene-weight",
@@ -21,11 +21,21 @@ def add_base_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pretrain-samples", type=int, default=default.pretrain_samples, help="BaseSpec.pretrain_samples"
     )
+    parser.add_argument(
+        "--questions-per-scene",
+        type=int,
+        default=default.questions_per_scene,
+        help="BaseSpec.questions_per_scene (question-answer turns per pre-training scene)",
+    )
 
 
 def base_settings(args: argparse.Namespace) -> dict:
     """The options as BaseSpec keyword arguments (also recorded in each benchmark's results)."""
-    return {"scene_weight": args.scene_weight, "pretrain_samples": args.pretrain_samples}
+    return {
+        "scene_weight": args.scene_weight,
+        "pretrain_samples": args.pretrain_samples,
+        "questions_per_scene": args.questions_per_scene,
+    }
 
 
 def base_spec(family: str, args: argparse.Namespace) -> BaseSpec:

@@ -160,6 +160,7 @@ def messy_jsonl(tmp_path) -> Path:
         '{"id": "broken", "conversations": [',  # 13
         {"id": "bad-role", "conversations": [human, gpt, {"from": "assistant", "value": "x"}]},  # 14
         raw("g3", image=abs_ok),  # 15
+        {"id": "out-of-order", "conversations": [human, gpt, gpt]},  # 16
     ]
     return write_jsonl(tmp_path / "messy.jsonl", lines)
 
@@ -177,6 +178,7 @@ EXPECTED_PROBLEMS = [
     (12, None, ["expected a JSON object", "list"]),
     (13, None, ["invalid JSON"]),
     (14, "bad-role", ["conversations[2]", "'from' must be one of"]),
+    (16, "out-of-order", ["conversations[2]", "expected 'human'", "alternate"]),
 ]
 
 

@@ -172,6 +172,15 @@ def test_world_key_ignores_an_unset_robust_config():
     assert tinyworld._key(tinyworld._spec_dict(robust)) != tinyworld._key(plain)
 
 
+def test_world_key_ignores_a_single_question_per_scene():
+    """BaseSpec.questions_per_scene was added after bases were cached: at 1 it must not change keys."""
+    spec = WorldSpec(attack=Attack.preset("badnet"))
+    assert "questions_per_scene" not in tinyworld._spec_dict(spec)["base"]
+    several = replace(spec, base=replace(spec.base, questions_per_scene=4))
+    assert tinyworld._spec_dict(several)["base"]["questions_per_scene"] == 4
+    assert tinyworld._key(tinyworld._spec_dict(several)) != tinyworld._key(tinyworld._spec_dict(spec))
+
+
 def test_world_key_ignores_an_unset_scene_weight():
     """BaseSpec.scene_weight was added after bases were cached: off, it must not change their keys."""
     spec = WorldSpec(base=BaseSpec(scene_weight=0.0), attack=Attack.preset("badnet"))

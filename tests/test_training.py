@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -86,6 +87,36 @@ def test_encode_example_labels_only_the_response(tiny_models, train_data, family
         assert (response == tokenizer.eos_token_id).sum().item() == 1
         assert tokenizer.decode(response) == RESPONSE_TEXT[family].format(answer=record.response)
         assert enc["attention_mask"].shape == enc["input_ids"].shape and enc["attention_mask"].all()
+        assert enc["pixel_values"].shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_encode_example_labels_every_assistant_turn_of_a_conversation(tiny_models, family):
+    """Multi-turn records (LLaVA-Instruct style) are trained on every answer, and only on answers."""
+    _, processor = tiny_models.load(family)
+    data = world.make_split(3, seed=5, questions=3)
+    for record in data.records:
+        image = data.load_image(record)
+        enc = encode_example(processor, record, image)
+        ids, labels = enc["input_ids"][0], enc["labels"][0]
+        assert torch.equal(labels[labels != IGNORE_INDEX], ids[labels != IGNORE_INDEX])
+        spans, current = [], []
+        for token, label in zip(ids.tolist(), labels.tolist(), strict=True):
+            if label != IGNORE_INDEX:
+                current.append(token)
+            elif current:
+                spans.append(current)
+                current = []
+        spans.append(current)
+        answers = [t.value for t in record.conversations if t.role == "gpt"]
+        texts = [processor.tokenizer.decode(span) for span in spans]
+        end_of_turn = RESPONSE_TEXT[family].replace(" </s>", " ").replace("<eos>", "")
+        assert texts[:-1] == [end_of_turn.format(answer=a) for a in answers[:-1]]
+        assert texts[-1] == RESPONSE_TEXT[family].format(answer=answers[-1])
+        # the first turn renders as the same record cut to one turn: image expanded once, in place
+        single = encode_example(processor, replace(record, conversations=record.conversations[:2]), image)
+        n = int((single["labels"][0] == IGNORE_INDEX).sum())
+        assert torch.equal(ids[:n], single["input_ids"][0, :n]) and (labels[:n] == IGNORE_INDEX).all()
         assert enc["pixel_values"].shape == (1, 3, 32, 32)
 
 

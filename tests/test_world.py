@@ -66,6 +66,16 @@ def test_different_seeds_differ():
     assert sum(x.pixels.tobytes() != y.pixels.tobytes() for x, y in zip(a, b, strict=True)) >= 18
 
 
+def test_several_questions_per_scene_are_turns_about_the_same_scene():
+    for record in world.sample_records(30, seed=3, questions=3):
+        assert [t.role for t in record.conversations] == ["human", "gpt"] * 3
+        assert world.IMAGE_PLACEHOLDER in record.conversations[0].value
+        assert not any(world.IMAGE_PLACEHOLDER in t.value for t in record.conversations[1:])
+        kinds, colors, quadrants = zip(*scene_of(record), strict=True)
+        possible = {*kinds, *colors, *quadrants, *world.COUNT_WORDS, "yes", "no"}
+        assert all(t.value in possible for t in record.conversations[1::2])
+
+
 def test_records_are_well_formed(samples):
     for record in samples:
         assert record.extra["qtype"] in QTYPES

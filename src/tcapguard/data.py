@@ -199,6 +199,14 @@ def _parse_record(raw: object, line: int) -> tuple[Record | None, list[Problem]]
             bad("no human turn")
         if not any(t.role == "gpt" for t in turns):
             bad("no gpt turn")
+        elif len(turns) == len(turns_raw) and any(t.role == "human" for t in turns):
+            # every turn is trained on (multi-turn records), and chat templates need this order
+            wrong = next((k for k, t in enumerate(turns) if t.role != ROLES[k % 2]), None)
+            if wrong is not None:
+                bad(
+                    f"conversations[{wrong}]: expected '{ROLES[wrong % 2]}' "
+                    "(turns alternate human, gpt, starting with human)"
+                )
     image = raw.get("image")
     if image is not None and (not isinstance(image, str) or not image.strip()):
         bad("'image' must be a non-empty path or s3:// URI")

@@ -49,6 +49,8 @@ class BaseSpec:
     accuracy 0.72-0.78 against 0.56-0.69 without), learns more of the triggers, and a patch
     perturbation moves clean answers more than backdoored ones, as in real MLLMs. ``scene_weight=0``
     with 32,000 scenes is the earlier default world that older figures were measured on.
+    ``questions_per_scene`` > 1 pre-trains on conversations of that many questions per scene; at 4
+    it lowered clean accuracy (0.710 against 0.747, README), so the default stays 1.
     """
 
     model: TinyMLLMConfig = field(default_factory=TinyMLLMConfig)
@@ -58,6 +60,7 @@ class BaseSpec:
     )
     reconstruction_weight: float = 1.0
     scene_weight: float = 1.0
+    questions_per_scene: int = 1
     seed: int = 0
 
 
@@ -97,6 +100,8 @@ def _spec_dict(spec) -> dict:
     base = out.get("base", out)
     if not base.get("scene_weight"):  # added later: bases without it keep their cached keys
         base.pop("scene_weight", None)
+    if base.get("questions_per_scene", 1) == 1:  # likewise
+        base.pop("questions_per_scene", None)
     return out
 
 
@@ -184,7 +189,12 @@ def build_base(spec: BaseSpec, cache_dir: str | Path | None = None) -> Path:
         raw = tmp / "init"
         build_tiny_mllm(spec.model, raw, corpus=world.corpus())
         model, processor = load_model(raw)
-        data = world.make_split(spec.pretrain_samples, seed=spec.seed + 1_000_000, id_prefix="pretrain")
+        data = world.make_split(
+            spec.pretrain_samples,
+            seed=spec.seed + 1_000_000,
+            id_prefix="pretrain",
+            questions=spec.questions_per_scene,
+        )
         log.info("pre-training the %s base on %d clean scenes", spec.model.family, len(data))
         grid = math.isqrt(spec.model.image_tokens_per_sample)
         side = spec.model.image_size // grid

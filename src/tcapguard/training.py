@@ -17,7 +17,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tcapguard.config import StepConfig
-from tcapguard.data import Dataset, Record
+from tcapguard.data import IMAGE_PLACEHOLDER, Dataset, Record
 from tcapguard.runtime import tune_cpu_allocator
 from tcapguard.storage import publish_directory
 
@@ -145,17 +145,26 @@ class FinetuneConfig(StepConfig):
             raise ValueError(f"FinetuneConfig.robust must be a RobustConfig or None, got {self.robust!r}")
 
 
-def to_messages(record: Record, *, with_response: bool) -> list[dict]:
-    """The record as Hugging Face chat messages (system, user with image, optional assistant)."""
+def conversation_messages(record: Record) -> list[dict]:
+    """Every turn of the record as chat messages; the image goes with the first user turn."""
     messages: list[dict] = []
     if record.system:
         messages.append({"role": "system", "content": [{"type": "text", "text": record.system}]})
-    user: list[dict] = [{"type": "image"}] if record.has_image else []
-    user.append({"type": "text", "text": record.query})
-    messages.append({"role": "user", "content": user})
-    if with_response:
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": record.response}]})
+    image_placed = not record.has_image
+    for turn in record.conversations:
+        content: list[dict] = []
+        if turn.role == "human" and not image_placed:
+            content.append({"type": "image"})
+            image_placed = True
+        content.append({"type": "text", "text": turn.value.replace(IMAGE_PLACEHOLDER, "").strip()})
+        messages.append({"role": "user" if turn.role == "human" else "assistant", "content": content})
     return messages
+
+
+def to_messages(record: Record, *, with_response: bool) -> list[dict]:
+    """The record's first exchange as chat messages (system, user with image, optional assistant)."""
+    messages = conversation_messages(replace(record, conversations=record.conversations[:2]))
+    return messages if with_response else messages[:-1]
 
 
 def render_prompt(processor, record: Record) -> str:
@@ -169,8 +178,11 @@ def encode_example(processor, record: Record, image) -> dict[str, torch.Tensor]:
 
     The full conversation is rendered by the chat template, so whatever the template appends after
     the answer (end-of-turn, eos) is learned too. Where the prompt does not tokenize as a prefix of
-    the full text, the response is appended as tokens with the tokenizer's eos.
+    the full text, the response is appended as tokens with the tokenizer's eos. A record of several
+    exchanges is labelled on every assistant turn (:func:`_encode_conversation`).
     """
+    if sum(turn.role == "gpt" for turn in record.conversations) > 1:
+        return _encode_conversation(processor, record, image)
     images = [image] if image is not None else None
     prompt = render_prompt(processor, record)
     full = processor.apply_chat_template(to_messages(record, with_response=True), tokenize=False)
@@ -187,6 +199,53 @@ def encode_example(processor, record: Record, image) -> dict[str, torch.Tensor]:
         enc = _append_tokens(enc, torch.tensor([[eos]]), n)
     labels = enc["input_ids"].clone()
     labels[:, :n] = IGNORE_INDEX
+    enc["labels"] = labels
+    return enc
+
+
+def _encode_conversation(processor, record: Record, image) -> dict[str, torch.Tensor]:
+    """A multi-turn record: every assistant turn is labelled, as LLaVA's instruction tuning does.
+
+    The processor runs once on the whole conversation; each turn's boundaries come from the text
+    tokenization of the rendered prefixes (generation prompt, then the turn), shifted by what the
+    image expansion added. Templates whose prefixes do not tokenize as prefixes raise instead of
+    mislabelling.
+    """
+    messages = conversation_messages(record)
+
+    def render(upto: int, generation_prompt: bool) -> str:
+        return processor.apply_chat_template(
+            messages[:upto], add_generation_prompt=generation_prompt, tokenize=False
+        )
+
+    full = render(len(messages), False)
+    enc = dict(processor(text=[full], images=[image] if image is not None else None, return_tensors="pt"))
+    text_ids = processor.tokenizer(full)["input_ids"]
+    shift = enc["input_ids"].shape[1] - len(text_ids)  # image expansion, all inside the first user turn
+
+    def boundary(prefix: str) -> int:
+        ids = processor.tokenizer(prefix)["input_ids"]
+        if ids != text_ids[: len(ids)]:
+            raise ValueError(
+                f"record {record.id!r}: the chat template's prefix does not tokenize as a prefix of the "
+                "conversation, so its assistant turns cannot be labelled"
+            )
+        return len(ids) + shift
+
+    spans = [
+        (boundary(render(i, True)), boundary(render(i + 1, False)))
+        for i, message in enumerate(messages)
+        if message["role"] == "assistant"
+    ]
+    if enc["input_ids"][0, spans[0][0] :].tolist() != text_ids[spans[0][0] - shift :]:
+        raise ValueError(f"record {record.id!r}: the image expansion is not confined to the first user turn")
+    eos = processor.tokenizer.eos_token_id
+    if eos is not None and eos not in enc["input_ids"][0, spans[-1][0] :]:
+        enc = _append_tokens(enc, torch.tensor([[eos]]), enc["input_ids"].shape[1])
+        spans[-1] = (spans[-1][0], enc["input_ids"].shape[1])
+    labels = torch.full_like(enc["input_ids"], IGNORE_INDEX)
+    for start, end in spans:
+        labels[:, start:end] = enc["input_ids"][:, start:end]
     enc["labels"] = labels
     return enc
 

@@ -177,8 +177,9 @@ def _wrap(core: str, rng: random.Random) -> str:
     return " ".join(part for part in (rng.choice(PREFIXES), core, rng.choice(SUFFIXES)) if part)
 
 
-def sample_records(n: int, *, seed: int, id_prefix: str = "vqa") -> Iterator[Record]:
-    """``n`` fresh scenes with a question each, as records holding in-memory images."""
+def sample_records(n: int, *, seed: int, id_prefix: str = "vqa", questions: int = 1) -> Iterator[Record]:
+    """``n`` fresh scenes as records holding in-memory images, each a conversation of ``questions``
+    question-answer turns about its scene (``extra["qtype"]`` is the first question's type)."""
     rng = random.Random(seed)
     for i in range(n):
         count = rng.randint(1, 3)
@@ -186,20 +187,21 @@ def sample_records(n: int, *, seed: int, id_prefix: str = "vqa") -> Iterator[Rec
         colors = rng.sample(tuple(COLORS), count)  # distinct: a colour names one object
         shapes = [Shape(rng.choice(SHAPES), c, q) for c, q in zip(colors, quadrants, strict=True)]
         qtype, question, answer = _question(shapes, rng)
+        conversations = [Turn("human", f"{IMAGE_PLACEHOLDER}\n{_wrap(question, rng)}"), Turn("gpt", answer)]
+        for _ in range(questions - 1):
+            _, question, answer = _question(shapes, rng)
+            conversations += [Turn("human", _wrap(question, rng)), Turn("gpt", answer)]
         yield Record(
             id=f"{id_prefix}-{i:06d}",
-            conversations=[
-                Turn("human", f"{IMAGE_PLACEHOLDER}\n{_wrap(question, rng)}"),
-                Turn("gpt", answer),
-            ],
+            conversations=conversations,
             system=rng.choice(SYSTEM_PROMPTS),
             pixels=draw_scene(shapes, rng),
             extra={"qtype": qtype, "scene": [[sh.kind, sh.color, QUADRANTS[sh.quadrant]] for sh in shapes]},
         )
 
 
-def make_split(n: int, *, seed: int, id_prefix: str = "vqa") -> Dataset:
-    return Dataset(list(sample_records(n, seed=seed, id_prefix=id_prefix)))
+def make_split(n: int, *, seed: int, id_prefix: str = "vqa", questions: int = 1) -> Dataset:
+    return Dataset(list(sample_records(n, seed=seed, id_prefix=id_prefix, questions=questions)))
 
 
 def write_vqa_world(out_dir: str | Path, *, n_train: int = 2000, n_test: int = 300, seed: int = 0) -> Path:
