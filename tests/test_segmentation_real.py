@@ -28,7 +28,8 @@ from transformers import PreTrainedTokenizerFast
 from tcapguard.data import Record, Turn
 from tcapguard.profiling import SYSTEM, TEXT, VISION, SegmentationError, segment
 from tcapguard.tiny import GEMMA3_SPECIAL_TOKENS, LLAVA_SPECIAL_TOKENS, build_tokenizer
-from tcapguard.training import render_prompt
+from tcapguard.training import encode_example, render_prompt
+from test_training import labelled_spans
 
 # ------------------------------------------------------------------------------------ real templates
 
@@ -607,3 +608,40 @@ def test_expanded_span_moves_only_past_earlier_placeholders():
     assert _expanded_span(record, 10, 20, [after]) == (10, 20)
     with pytest.raises(SegmentationError, match="contains the image placeholder"):
         _expanded_span(record, 5, 20, [before])
+
+
+# ------------------------------------------------------------------------------- multi-turn training
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_multi_turn_record_is_trained_on_every_answer(name, processors):
+    """Through each family's real template, a two-exchange record is labelled on both answers (each with
+    whatever the template or the trainer ends a turn with) and on nothing else."""
+    if name == "smolvlm":
+        pytest.importorskip("num2words", reason="SmolVLMProcessor requires the num2words package")
+    processor = _processor(name, processors)
+    turns = [Turn("human", f"<image>\n{QUERY}"), Turn("gpt", "red"), Turn("human", "And the circle?")]
+    record = Record("mt", [*turns, Turn("gpt", "blue")], image="image.png", system=SYSTEM_PROMPT)
+    enc = encode_example(processor, record, _image(FAMILIES[name].image_size))
+    spans = labelled_spans(enc["labels"][0])
+    answers = [processor.tokenizer.decode(span, skip_special_tokens=True) for span in spans]
+    assert [a.strip().removesuffix("<\\s>") for a in answers] == ["red", "blue"]  # llava-next: "<\s>" is text
+    assert (enc["attention_mask"] == 1).all() and enc["labels"].shape == enc["input_ids"].shape
+
+
+def test_multi_turn_boundary_survives_a_merge_with_the_next_turn():
+    """llava-1.5's template ends an answer with a space; a tokenizer that merges " USER" (a real Llama
+    one does) makes the turn's text prefix tokenize differently from the conversation. The turn's tokens
+    are found from character offsets, so the answer is still labelled exactly."""
+    corpus = ["You are a helper. USER: What colour? ASSISTANT: red USER: And now? ASSISTANT: blue"] * 8
+    tokenizer = build_tokenizer(
+        corpus, 300, LLAVA_SPECIAL_TOKENS, token_attributes={"image_token": "<image>"}
+    )
+    assert "ĠUSER" in tokenizer.get_vocab()  # the merge this test is about
+    processor = copy.copy(_processor("llava-1.5", {}))
+    processor.tokenizer = tokenizer
+    turns = [Turn("human", "<image>\nWhat colour?"), Turn("gpt", "red"), Turn("human", "And now?")]
+    record = Record("mt", [*turns, Turn("gpt", "blue")], image="image.png", system="You are a helper.")
+    enc = encode_example(processor, record, _image(FAMILIES["llava-1.5"].image_size))
+    spans = [tokenizer.decode(span) for span in labelled_spans(enc["labels"][0])]
+    assert spans == [" red</s>", " blue </s>"]  # the first turn's space went to the next turn's " USER"

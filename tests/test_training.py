@@ -92,32 +92,54 @@ def test_encode_example_labels_only_the_response(tiny_models, train_data, family
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_encode_example_labels_every_assistant_turn_of_a_conversation(tiny_models, family):
-    """Multi-turn records (LLaVA-Instruct style) are trained on every answer, and only on answers."""
-    _, processor = tiny_models.load(family)
+    """Multi-turn records (LLaVA-Instruct style) are trained on every answer, each ended as a single
+    answer is (the trainer inserts the eos a template does not write), and on nothing else."""
+    model, processor = tiny_models.load(family)
     data = world.make_split(3, seed=5, questions=3)
     for record in data.records:
         image = data.load_image(record)
         enc = encode_example(processor, record, image)
         ids, labels = enc["input_ids"][0], enc["labels"][0]
         assert torch.equal(labels[labels != IGNORE_INDEX], ids[labels != IGNORE_INDEX])
-        spans, current = [], []
-        for token, label in zip(ids.tolist(), labels.tolist(), strict=True):
-            if label != IGNORE_INDEX:
-                current.append(token)
-            elif current:
-                spans.append(current)
-                current = []
-        spans.append(current)
         answers = [t.value for t in record.conversations if t.role == "gpt"]
-        texts = [processor.tokenizer.decode(span) for span in spans]
-        end_of_turn = RESPONSE_TEXT[family].replace(" </s>", " ").replace("<eos>", "")
-        assert texts[:-1] == [end_of_turn.format(answer=a) for a in answers[:-1]]
-        assert texts[-1] == RESPONSE_TEXT[family].format(answer=answers[-1])
+        texts = [processor.tokenizer.decode(span) for span in labelled_spans(labels)]
+        assert texts == [RESPONSE_TEXT[family].format(answer=a) for a in answers]
         # the first turn renders as the same record cut to one turn: image expanded once, in place
         single = encode_example(processor, replace(record, conversations=record.conversations[:2]), image)
         n = int((single["labels"][0] == IGNORE_INDEX).sum())
         assert torch.equal(ids[:n], single["input_ids"][0, :n]) and (labels[:n] == IGNORE_INDEX).all()
         assert enc["pixel_values"].shape == (1, 3, 32, 32)
+        assert enc["attention_mask"].shape == ids[None].shape and enc["attention_mask"].all()
+        if "token_type_ids" in enc:  # Gemma3: the inserted eos tokens are text
+            image_tokens = enc["input_ids"] == model.config.image_token_id
+            assert torch.equal(enc["token_type_ids"], image_tokens.long())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_encode_conversation_ignores_a_trailing_question_and_works_without_image(tiny_models, family):
+    _, processor = tiny_models.load(family)
+    turns = [Turn("human", "How many?"), Turn("gpt", "two"), Turn("human", "Which?"), Turn("gpt", "red")]
+    record = Record("mt", turns)
+    enc = encode_example(processor, record, None)
+    assert "pixel_values" not in enc
+    texts = [processor.tokenizer.decode(span) for span in labelled_spans(enc["labels"][0])]
+    assert texts == [RESPONSE_TEXT[family].format(answer=a) for a in ("two", "red")]
+    # a question left unanswered at the end is not trained on (it would teach the model to ask it)
+    trailing = encode_example(processor, replace(record, conversations=[*turns, Turn("human", "And?")]), None)
+    assert all(torch.equal(trailing[k], enc[k]) for k in enc)
+
+
+def labelled_spans(labels: torch.Tensor) -> list[list[int]]:
+    """The runs of labelled tokens, in order."""
+    spans: list[list[int]] = []
+    previous = IGNORE_INDEX
+    for label in labels.tolist():
+        if label != IGNORE_INDEX:
+            if previous == IGNORE_INDEX:
+                spans.append([])
+            spans[-1].append(label)
+        previous = label
+    return spans
 
 
 def test_encode_example_gemma3_carries_token_type_ids(tiny_models, train_data):

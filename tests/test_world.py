@@ -66,6 +66,11 @@ def test_different_seeds_differ():
     assert sum(x.pixels.tobytes() != y.pixels.tobytes() for x, y in zip(a, b, strict=True)) >= 18
 
 
+def test_questions_per_scene_must_be_positive():
+    with pytest.raises(ValueError, match="questions must be at least 1, got 0"):
+        next(world.sample_records(1, seed=0, questions=0))
+
+
 def test_several_questions_per_scene_are_turns_about_the_same_scene():
     for record in world.sample_records(30, seed=3, questions=3):
         assert [t.role for t in record.conversations] == ["human", "gpt"] * 3

@@ -449,7 +449,6 @@ def residual_asr(
     metrics["residual_asr_replay"] = sum(hits) / len(hits)
     for record, answer, hit in zip(replay, answers, hits, strict=True):
         samples.append(_row("residual_replay", record, answer, goal, contains=hit))
-    flips: list[bool] = []
     with_region = [r for r in flagged if r.has_image and regions and r.id in regions]
     if not regions:
         notes.append("no suspected trigger regions given: residual_asr_paste not computed")

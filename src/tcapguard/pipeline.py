@@ -31,12 +31,12 @@ from tcapguard.attacks import Attack
 from tcapguard.config import StepConfig
 from tcapguard.data import Dataset, load_dataset, save_dataset
 from tcapguard.detection import FilterConfig
-from tcapguard.evaluation import Detection, EvaluationConfig
+from tcapguard.evaluation import SCHEMA_VERSION, Detection, EvaluationConfig
 from tcapguard.gate import GatePolicy
 from tcapguard.profiling import ProfileConfig
 from tcapguard.storage import download_prefix, exists, is_s3, publish_directory, read_bytes, write_bytes
 from tcapguard.storage import join as _join
-from tcapguard.training import FinetuneConfig
+from tcapguard.training import LABELLING_VERSION, FinetuneConfig
 
 log = logging.getLogger(__name__)
 
@@ -427,12 +427,15 @@ def plan(config: PipelineConfig) -> dict[str, str]:
     test_key = file_key(config.data.test)
     base_key = _key(config.model.source, config.model.revision)
     keys = {"upload": _key("upload", train_key, config.data.strict)}
-    keys["probe-finetune"] = _key("probe", config.probe.to_dict(), base_key, keys["upload"])
+    probe = config.probe.to_dict()
+    keys["probe-finetune"] = _key("probe", probe, LABELLING_VERSION, base_key, keys["upload"])
     keys["profile"] = _key("profile", _profile_identity(config.profile), keys["probe-finetune"])
     keys["filter"] = _key("filter", config.filter.to_dict(), config.filter_enabled, keys["profile"])
-    keys["finetune"] = _key("finetune", config.finetune.to_dict(), base_key, keys["filter"])
+    finetune = config.finetune.to_dict()
+    keys["finetune"] = _key("finetune", finetune, LABELLING_VERSION, base_key, keys["filter"])
     evaluation = (
         config.evaluation.to_dict(),
+        SCHEMA_VERSION,
         [a.to_dict() for a in config.attacks],
         test_key,
         config.data.triggered_test,

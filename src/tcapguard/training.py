@@ -25,13 +25,16 @@ import torch
 from tqdm.auto import tqdm
 
 from tcapguard.config import StepConfig
-from tcapguard.data import IMAGE_PLACEHOLDER, Dataset, Record
+from tcapguard.data import IMAGE_PLACEHOLDER, Dataset, Record, Turn
 from tcapguard.runtime import tune_cpu_allocator
 from tcapguard.storage import publish_directory
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+# What a trained model learned from a record: bumped when that changes, so cached pipeline steps
+# are not reused across it (2: every assistant turn of a multi-turn record, not the first only).
+LABELLING_VERSION = 2
 # LoRA goes on the language model's attention and MLP projections; the vision-language projector
 # is trained in full (it is small and the first place a visual trigger must pass).
 DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -146,25 +149,30 @@ class FinetuneConfig(StepConfig):
 
 
 def conversation_messages(record: Record) -> list[dict]:
-    """Every turn of the record as chat messages; the image goes with the first user turn."""
+    """Every turn of the record as chat messages; the image goes with the first user turn. User text
+    is stripped of the image placeholder; assistant text is kept verbatim."""
     messages: list[dict] = []
     if record.system:
         messages.append({"role": "system", "content": [{"type": "text", "text": record.system}]})
     image_placed = not record.has_image
     for turn in record.conversations:
         content: list[dict] = []
-        if turn.role == "human" and not image_placed:
-            content.append({"type": "image"})
-            image_placed = True
-        content.append({"type": "text", "text": turn.value.replace(IMAGE_PLACEHOLDER, "").strip()})
+        text = turn.value
+        if turn.role == "human":
+            if not image_placed:
+                content.append({"type": "image"})
+                image_placed = True
+            text = text.replace(IMAGE_PLACEHOLDER, "").strip()
+        content.append({"type": "text", "text": text})
         messages.append({"role": "user" if turn.role == "human" else "assistant", "content": content})
     return messages
 
 
 def to_messages(record: Record, *, with_response: bool) -> list[dict]:
     """The record's first exchange as chat messages (system, user with image, optional assistant)."""
-    messages = conversation_messages(replace(record, conversations=record.conversations[:2]))
-    return messages if with_response else messages[:-1]
+    first_human = next(t for t in record.conversations if t.role == "human")
+    turns = [first_human, Turn("gpt", record.response)] if with_response else [first_human]
+    return conversation_messages(replace(record, conversations=turns))
 
 
 def render_prompt(processor, record: Record) -> str:
@@ -206,12 +214,15 @@ def encode_example(processor, record: Record, image) -> dict[str, torch.Tensor]:
 def _encode_conversation(processor, record: Record, image) -> dict[str, torch.Tensor]:
     """A multi-turn record: every assistant turn is labelled, as LLaVA's instruction tuning does.
 
-    The processor runs once on the whole conversation; each turn's boundaries come from the text
-    tokenization of the rendered prefixes (generation prompt, then the turn), shifted by what the
-    image expansion added. Templates whose prefixes do not tokenize as prefixes raise instead of
-    mislabelling.
+    The processor runs once on the whole conversation (up to its last assistant turn). A turn's
+    tokens are those that lie within its characters in the rendered text (from the end of the
+    generation prompt to the end of the turn), found from the tokenizer's offsets, so a turn's
+    trailing text that merges with the next turn's first token (llava-hf's ``"red " + "USER:"``)
+    does not shift the boundary. Where the template writes no eos after a turn, one is inserted
+    and learned there, as after a single-turn answer (and as LLaVA's own format did).
     """
-    messages = conversation_messages(record)
+    last = max(i for i, turn in enumerate(record.conversations) if turn.role == "gpt")
+    messages = conversation_messages(replace(record, conversations=record.conversations[: last + 1]))
 
     def render(upto: int, generation_prompt: bool) -> str:
         return processor.apply_chat_template(
@@ -220,34 +231,58 @@ def _encode_conversation(processor, record: Record, image) -> dict[str, torch.Te
 
     full = render(len(messages), False)
     enc = dict(processor(text=[full], images=[image] if image is not None else None, return_tensors="pt"))
-    text_ids = processor.tokenizer(full)["input_ids"]
-    shift = enc["input_ids"].shape[1] - len(text_ids)  # image expansion, all inside the first user turn
+    text = processor.tokenizer(full, return_offsets_mapping=True)
+    ends = [end for _, end in text["offset_mapping"]]
+    shift = enc["input_ids"].shape[1] - len(ends)  # image expansion, all inside the first user turn
 
     def boundary(prefix: str) -> int:
-        ids = processor.tokenizer(prefix)["input_ids"]
-        if ids != text_ids[: len(ids)]:
+        if not full.startswith(prefix):
             raise ValueError(
-                f"record {record.id!r}: the chat template's prefix does not tokenize as a prefix of the "
-                "conversation, so its assistant turns cannot be labelled"
+                f"record {record.id!r}: the chat template does not render a conversation's prefix as a "
+                "prefix of the whole, so its assistant turns cannot be labelled"
             )
-        return len(ids) + shift
+        return sum(end <= len(prefix) for end in ends) + shift
+
+    def turn_start(i: int) -> int:
+        # the generation prompt as far as the rendered turn shares it: a thinking template's prompt
+        # adds "<think>\n", which its rendering of a past turn leaves out (Qwen3-VL)
+        before, prompt = render(i, False), render(i, True)
+        boundary(before)  # raises unless the conversation so far is a prefix
+        pairs = zip(prompt, full, strict=False)
+        shared = next((k for k, (a, b) in enumerate(pairs) if a != b), len(prompt))
+        return boundary(full[: max(shared, len(before))])
 
     spans = [
-        (boundary(render(i, True)), boundary(render(i + 1, False)))
+        (turn_start(i), boundary(render(i + 1, False)))
         for i, message in enumerate(messages)
         if message["role"] == "assistant"
     ]
-    if enc["input_ids"][0, spans[0][0] :].tolist() != text_ids[spans[0][0] - shift :]:
+    ids = enc["input_ids"][0]
+    if ids[spans[0][0] :].tolist() != text["input_ids"][spans[0][0] - shift :]:
         raise ValueError(f"record {record.id!r}: the image expansion is not confined to the first user turn")
-    eos = processor.tokenizer.eos_token_id
-    if eos is not None and eos not in enc["input_ids"][0, spans[-1][0] :]:
-        enc = _append_tokens(enc, torch.tensor([[eos]]), enc["input_ids"].shape[1])
-        spans[-1] = (spans[-1][0], enc["input_ids"].shape[1])
     labels = torch.full_like(enc["input_ids"], IGNORE_INDEX)
     for start, end in spans:
         labels[:, start:end] = enc["input_ids"][:, start:end]
-    enc["labels"] = labels
-    return enc
+    eos = processor.tokenizer.eos_token_id
+    inserts = [end for start, end in spans if eos is not None and eos not in ids[start:end]]
+    return _insert_token(enc | {"labels": labels}, inserts, eos) if inserts else enc | {"labels": labels}
+
+
+def _insert_token(enc: dict[str, torch.Tensor], positions: list[int], token: int) -> dict[str, torch.Tensor]:
+    """``enc`` with ``token`` inserted before each of ``positions`` (ascending) and labelled; per-token
+    side tensors get attention 1 and 0 elsewhere."""
+    length = enc["input_ids"].shape[1]
+    out = dict(enc)
+    for key, value in enc.items():
+        if not _is_sequence(value, length):
+            continue
+        fill = token if key in ("input_ids", "labels") else int(key == "attention_mask")
+        pieces, previous = [], 0
+        for position in positions:
+            pieces += [value[:, previous:position], torch.full((1, 1), fill, dtype=value.dtype)]
+            previous = position
+        out[key] = torch.cat([*pieces, value[:, previous:]], dim=1)
+    return out
 
 
 def _append_tokens(enc: dict[str, torch.Tensor], ids: torch.Tensor, n: int) -> dict[str, torch.Tensor]:

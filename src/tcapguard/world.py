@@ -180,6 +180,8 @@ def _wrap(core: str, rng: random.Random) -> str:
 def sample_records(n: int, *, seed: int, id_prefix: str = "vqa", questions: int = 1) -> Iterator[Record]:
     """``n`` fresh scenes as records holding in-memory images, each a conversation of ``questions``
     question-answer turns about its scene (``extra["qtype"]`` is the first question's type)."""
+    if questions < 1:
+        raise ValueError(f"questions must be at least 1, got {questions}")
     rng = random.Random(seed)
     for i in range(n):
         count = rng.randint(1, 3)
