@@ -49,6 +49,7 @@ VARIANTS: dict[str, dict | None] = {
     "no_entropy": {"entropy_weight": 0.0},  # gated CE + hinge
     "gate_only": {"cross_view_weight": 0.0, "entropy_weight": 0.0},
     "mask": {"augmentation": "mask"},  # augmentation operator
+    "batch_margin": {"margin_reference": "batch_median"},  # the margin relative to the batch
     "tcap": None,  # (c) the filter, then plain fine-tuning
     "tcap+robust": {},  # (d) the filter, then robust fine-tuning
 }
@@ -82,6 +83,8 @@ def robust_model(
     identity = {"world": str(world.root.name), "finetune": asdict(config)}
     if drop is not None:  # (models cached before filtered variants existed keep their key)
         identity["drop"] = sorted(drop)
+    if robust is not None and robust.margin_reference == "fixed":  # likewise, for a later field
+        identity["finetune"]["robust"].pop("margin_reference")
     blob = json.dumps(identity, sort_keys=True)
     final = cache / f"robust-{world.root.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
     if not (final / "config.json").exists():

@@ -22,6 +22,7 @@ from tcapguard.training import (
     RobustConfig,
     collate,
     cross_view_distance,
+    cross_view_hinge,
     encode_example,
     finetune,
     patch_augment,
@@ -517,6 +518,22 @@ def test_hinge_term_pushes_the_views_apart(tiny_models, train_data):
     assert after["cross_view_distance"] > before["cross_view_distance"]
 
 
+def test_batch_median_margin_keeps_gating_the_most_invariant_samples():
+    """Once every view pair is further apart than the fixed margin, the fixed hinge is off for all; the
+    batch-relative one still gates and pushes the samples below the batch's median distance."""
+    distance = torch.tensor([0.9, 0.8, 0.6, 0.95], requires_grad=True)
+    hinge, invariance = cross_view_hinge(distance, RobustConfig(margin=0.5))
+    assert (hinge == 0).all() and (invariance == 0).all()
+    relative = RobustConfig(margin=0.5, margin_reference="batch_median")
+    hinge, invariance = cross_view_hinge(distance, relative)
+    assert torch.allclose(invariance, torch.tensor([0.0, 0.05, 0.25, 0.0]) / 0.85)  # median 0.85
+    assert not invariance.requires_grad
+    hinge.sum().backward()
+    assert distance.grad.tolist() == [0.0, -1.0, -1.0, 0.0]  # only the samples below it are pushed
+    same, _ = cross_view_hinge(distance, relative, images=False)  # no image: the fixed margin
+    assert (same == 0).all()
+
+
 def test_detached_hinge_moves_the_original_answer_away_from_the_augmented_one(tiny_models, train_data):
     """With ``detach_augmented`` the augmented view is a fixed reference: a step moves the original
     view's answer away from where the augmented view's answer was (both views may move together,
@@ -640,6 +657,7 @@ def test_robust_finetune_differs_from_plain_and_is_deterministic(tiny_models, tr
         ({"patch_size": 0}, "patch_size must be positive"),
         ({"margin": 1.5}, "margin must be in"),
         ({"gate": 2.0}, "gate must be in"),
+        ({"margin_reference": "mean"}, "margin_reference must be one of"),
         ({"entropy_weight": -1.0}, "entropy_weight must be >= 0"),
     ],
 )

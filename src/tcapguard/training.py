@@ -42,6 +42,7 @@ PROJECTOR_MODULES = ("multi_modal_projector", "merger", "connector")
 
 
 AUGMENTATIONS = ("shuffle", "mask", "drop")
+MARGIN_REFERENCES = ("fixed", "batch_median")
 
 
 @dataclass
@@ -60,9 +61,13 @@ class RobustConfig(StepConfig):
         + cross_view_weight * mean_i max(0, margin - d_i)     (bounded hinge: push invariant views apart)
         + entropy_weight * mean_i max(0, H_i - entropy_max)   (keep original-view answers decisive)
 
-    ``s`` in the gate is detached. ``H_i`` is the mean entropy (nats) of the original view's
-    response-token distributions. With ``detach_augmented`` the augmented view is a fixed reference
-    (run without gradient), so the hinge can only move the original view's answer away from it;
+    ``s`` in the gate is detached. With ``margin_reference="batch_median"`` the margin is the batch's
+    median distance (detached) instead of ``margin``: the samples that stay the most invariant of
+    their batch keep being gated and pushed after the views of most samples have been told apart
+    (with a fixed margin the gate switches off then). ``H_i`` is the mean entropy (nats) of the
+    original view's response-token distributions. With ``detach_augmented`` the augmented view is a
+    fixed reference (run without gradient), so the hinge can only move the original view's answer
+    away from it;
     otherwise both views carry gradient, and the hinge can also be met by learning to recognise
     the augmented view.
     """
@@ -71,7 +76,11 @@ class RobustConfig(StepConfig):
     augmentation: str = "shuffle"
     patch_ratio: float = 0.5  # share of the patch grid perturbed per image
     patch_size: int | None = None  # pixels; None = the vision tower's patch size (config.vision_config)
-    margin: float = 0.5  # hinge margin on the TV distance; views further apart than this are left alone
+    # hinge margin on the TV distance; views further apart than this are left alone (with "fixed")
+    margin: float = 0.5
+    # "fixed": ``margin``; "batch_median": the batch's median distance (measured: one cut in four runs,
+    # 21 points of clean accuracy in LLaVA; README, Robust fine-tuning)
+    margin_reference: str = "fixed"
     cross_view_weight: float = 1.0
     gate: float = 1.0  # 0 = plain CE; 1 = a fully invariant sample's CE is switched off
     entropy_weight: float = 0.1
@@ -89,6 +98,11 @@ class RobustConfig(StepConfig):
             raise ValueError(f"RobustConfig.patch_ratio must be in (0, 1], got {self.patch_ratio}")
         if self.patch_size is not None and self.patch_size < 1:
             raise ValueError(f"RobustConfig.patch_size must be positive or None, got {self.patch_size}")
+        if self.margin_reference not in MARGIN_REFERENCES:
+            raise ValueError(
+                f"RobustConfig.margin_reference must be one of {MARGIN_REFERENCES}, "
+                f"got {self.margin_reference!r}"
+            )
         if not 0 < self.margin <= 1:
             raise ValueError(f"RobustConfig.margin must be in (0, 1] (a TV distance), got {self.margin}")
         if not 0 <= self.gate <= 1:
@@ -441,6 +455,19 @@ def response_entropy(log_p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return _per_sample_mean(-(log_p.exp() * log_p).sum(-1), mask)
 
 
+def cross_view_hinge(
+    distance: torch.Tensor, config: RobustConfig, *, images: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample: the hinge ``max(0, m - d)`` and the invariance ``s = hinge / m`` (detached), where
+    ``m`` is ``config.margin`` or, with ``margin_reference="batch_median"`` and images in the batch,
+    the batch's median distance (detached; a batch of one has no sample below it)."""
+    margin = config.margin
+    if config.margin_reference == "batch_median" and images:
+        margin = distance.detach().quantile(0.5).clamp(min=1e-6)  # interpolated: a pair has one below
+    hinge = torch.relu(margin - distance)  # no gradient at d == m: the median sample is not pushed
+    return hinge, (hinge / margin).detach()
+
+
 class CrossViewRegularizer(torch.nn.Module):
     """The robust fine-tuning loss of :class:`RobustConfig`, as an auxiliary term of :func:`finetune`.
 
@@ -498,8 +525,7 @@ class CrossViewRegularizer(torch.nn.Module):
             distance = cross_view_distance(log_p, log_q, mask)
         else:  # text-only batch: no image to perturb, so no cross-view evidence either way
             distance = torch.full_like(entropy, cfg.margin)
-        hinge = (cfg.margin - distance).clamp(min=0)
-        invariance = (hinge / cfg.margin).detach()
+        hinge, invariance = cross_view_hinge(distance, cfg, images="pixel_values" in batch)
         weight = 1 - cfg.gate * invariance
         gate_correction = ((weight - 1)[:, None] * ce_tokens).sum() / mask.sum().clamp(min=1)
         loss = (
