@@ -70,16 +70,17 @@ def main() -> None:
             spec = WorldSpec(base=base_spec(family, args), attack=Attack.preset(attack), rate=rate, seed=0)
             world = build_world(spec, cache)
             train = world.load_train()
+            n = len(train)
             queries = [r.query for r in train.records]
-            answers = _normalized_responses([r.response for r in train.records], len(train))
+            responses = [r.response for r in train.records]
+            answers = _normalized_responses(responses, n)
             poisoned = np.isin(train.ids, world.load_manifest().poisoned_ids)
             profile = world.load_profile()
-            flags = TCAPFilter().fit(profile, responses=[r.response for r in train.records]).labels_
+            flags = TCAPFilter().fit(profile, responses=responses).labels_
             flagged = np.isin(train.ids, [i for i, f in zip(profile.ids, flags, strict=True) if f])
             groups = {"poisoned": poisoned}
             if flagged.any():
                 groups["flagged"] = flagged
-            n = len(train)
             for answer, count in Counter(answers[~poisoned]).items():
                 if 0.005 * n <= count <= 0.20 * n:
                     groups[f"clean answer {answer!r}"] = (answers == answer) & ~poisoned

@@ -215,10 +215,10 @@ def encode_example(processor, record: Record, image) -> dict[str, torch.Tensor]:
         enc = dict(f)
     else:
         answer = processor.tokenizer(record.response, add_special_tokens=False, return_tensors="pt")
-        enc = _append_tokens(dict(p), answer["input_ids"], n)
+        enc = _insert_tokens(dict(p), [n], answer["input_ids"])
     eos = processor.tokenizer.eos_token_id
     if eos is not None and eos not in enc["input_ids"][0, n:]:  # e.g. llava-hf's template ends without eos
-        enc = _append_tokens(enc, torch.tensor([[eos]]), n)
+        enc = _insert_tokens(enc, [enc["input_ids"].shape[1]], torch.tensor([[eos]]))
     labels = enc["input_ids"].clone()
     labels[:, :n] = IGNORE_INDEX
     enc["labels"] = labels
@@ -279,35 +279,30 @@ def _encode_conversation(processor, record: Record, image) -> dict[str, torch.Te
         labels[:, start:end] = enc["input_ids"][:, start:end]
     eos = processor.tokenizer.eos_token_id
     inserts = [end for start, end in spans if eos is not None and eos not in ids[start:end]]
-    return _insert_token(enc | {"labels": labels}, inserts, eos) if inserts else enc | {"labels": labels}
+    enc["labels"] = labels
+    return _insert_tokens(enc, inserts, torch.tensor([[eos]])) if inserts else enc
 
 
-def _insert_token(enc: dict[str, torch.Tensor], positions: list[int], token: int) -> dict[str, torch.Tensor]:
-    """``enc`` with ``token`` inserted before each of ``positions`` (ascending) and labelled; per-token
-    side tensors get attention 1 and 0 elsewhere."""
+def _insert_tokens(
+    enc: dict[str, torch.Tensor], positions: Sequence[int], ids: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """``enc`` with ``ids`` (``[1, k]``) inserted before each of ``positions`` (ascending; the
+    length appends). ``input_ids`` and ``labels`` get the ids, ``attention_mask`` 1, any other
+    per-token tensor 0."""
     length = enc["input_ids"].shape[1]
     out = dict(enc)
     for key, value in enc.items():
         if not _is_sequence(value, length):
             continue
-        fill = token if key in ("input_ids", "labels") else int(key == "attention_mask")
+        if key in ("input_ids", "labels"):
+            fill = ids.to(value.dtype)
+        else:
+            fill = torch.full_like(ids, int(key == "attention_mask"), dtype=value.dtype)
         pieces, previous = [], 0
         for position in positions:
-            pieces += [value[:, previous:position], torch.full((1, 1), fill, dtype=value.dtype)]
+            pieces += [value[:, previous:position], fill]
             previous = position
         out[key] = torch.cat([*pieces, value[:, previous:]], dim=1)
-    return out
-
-
-def _append_tokens(enc: dict[str, torch.Tensor], ids: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
-    """``enc`` with ``ids`` appended, per-token side tensors extended (attention 1, others 0)."""
-    length = enc["input_ids"].shape[1]
-    out = dict(enc)
-    out["input_ids"] = torch.cat([enc["input_ids"], ids], dim=1)
-    for key, value in enc.items():
-        if key != "input_ids" and _is_sequence(value, length):
-            fill = 1 if key == "attention_mask" else 0
-            out[key] = torch.cat([value, torch.full_like(ids, fill, dtype=value.dtype)], dim=1)
     return out
 
 
