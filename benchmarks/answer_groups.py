@@ -81,10 +81,12 @@ def main() -> None:
         for attacks, seeds in grid:
             for seed in seeds:
                 for attack in (*attacks, None):
-                    profile, responses, poisoned = world_profile(
+                    profile, texts, poisoned = world_profile(
                         base_spec(family, args), attack, args.rate, seed, cache
                     )
-                    for row in answer_groups(profile, responses, poisoned, args.min_share, args.max_share):
+                    for row in answer_groups(
+                        profile, texts["responses"], poisoned, args.min_share, args.max_share
+                    ):
                         rows.append({"family": family, "attack": attack or "clean", "seed": seed, **row})
     print(f"{'family':7s} {'answers':8s} {'groups':>6s} {'with >= 3 columns at 0.99':>26s}  answers")
     for family in args.family:

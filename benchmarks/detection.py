@@ -6,10 +6,11 @@
 
 Each cell is a tiny world (``tcapguard.tinyworld``: the clean base fine-tuned on the poisoned
 upload, the TCAP protocol's first step), its attention profile and five filters: TCAP on the profile
-alone, TCAP given the upload's responses (the pipeline's default: the flagged samples must share one
-response that the rest of the upload does not give; all three shares of every head; the linear
-share, then its log-ratio), the same on the linear share only, the paper's reading of TCAP (top 4
-heads of the last 2 layers, target = every mixture component but the largest) and BYE. No
+alone, TCAP given the upload's responses and queries (the pipeline's default: the flagged samples
+must share one response that the rest of the upload does not give, and their questions must not set
+them apart; all three shares of every head; the linear share, then its log-ratio), the same on the
+linear share only, the paper's reading of TCAP (top 4 heads of the last 2 layers, target = every
+mixture component but the largest) and BYE. No
 parameter is tuned per cell. Worlds and profiles are cached (``TCAPGUARD_CACHE``), so a second sweep
 only fits the filters; a world not yet built costs ~2.5 min of fine-tuning on 2 idle cores. Rate 0
 is the clean upload, where the right answer is "nothing flagged". Results go to
@@ -34,7 +35,7 @@ from tcapguard.evaluation import detection_metrics
 from tcapguard.tinyworld import BaseSpec, WorldSpec, build_world, default_cache_dir
 
 ATTACKS = ("badnet", "blend", "sig", "wanet", "ftrojan", "text", "dual")
-FILTERS = {  # name -> (a fresh filter with its defaults, whether fit gets the responses); no per-cell tuning
+FILTERS = {  # name -> (a fresh filter with its defaults, whether fit gets responses and queries); no tuning
     "tcap": (TCAPFilter, False),
     "tcap+responses": (TCAPFilter, True),
     "tcap-paper": (
@@ -48,7 +49,8 @@ FILTERS = {  # name -> (a fresh filter with its defaults, whether fit gets the r
 
 
 def world_profile(base: BaseSpec, attack: str | None, rate: float, seed: int, cache: Path):
-    """The world's profile (cached beside it), the upload's responses and the true poisoned ids."""
+    """The world's profile (cached beside it), the upload's texts (``fit``'s ``responses`` and
+    ``queries``) and the true poisoned ids."""
     spec = WorldSpec(
         base=base,
         attack=Attack.preset(attack) if attack else None,
@@ -56,8 +58,9 @@ def world_profile(base: BaseSpec, attack: str | None, rate: float, seed: int, ca
         seed=seed,
     )
     world = build_world(spec, cache)
-    responses = [r.response for r in world.load_train().records]
-    return world.load_profile(), responses, world.load_manifest().poisoned_ids
+    records = world.load_train().records
+    texts = {"responses": [r.response for r in records], "queries": [r.query for r in records]}
+    return world.load_profile(), texts, world.load_manifest().poisoned_ids
 
 
 def best_column_auroc(profile, poisoned: list[str]) -> float | None:
@@ -71,12 +74,9 @@ def best_column_auroc(profile, poisoned: list[str]) -> float | None:
     return float(np.max(np.maximum(aucs, 1 - aucs)))
 
 
-def score(estimator, profile, poisoned: list[str], responses: list[str] | None = None) -> dict:
+def score(estimator, profile, poisoned: list[str], texts: dict[str, list[str]] | None = None) -> dict:
     start = time.perf_counter()
-    if responses is None:
-        estimator.fit(profile)
-    else:
-        estimator.fit(profile, responses=responses)
+    estimator.fit(profile, **(texts or {}))
     seconds = time.perf_counter() - start
     metrics = detection_metrics(profile.ids, poisoned, flagged=estimator.labels_, scores=estimator.scores_)
     return {
@@ -121,7 +121,7 @@ def main() -> None:
         + " | ".join(f"{name:>10s}: F1 AUROC flagged" for name in args.filters)
     )
     for family, attack, rate, seed in cells:
-        profile, responses, poisoned = world_profile(base_spec(family, args), attack, rate, seed, cache)
+        profile, texts, poisoned = world_profile(base_spec(family, args), attack, rate, seed, cache)
         row = {
             "family": family,
             "attack": attack or "clean",
@@ -134,7 +134,7 @@ def main() -> None:
         }
         row.update(
             {
-                name: score(make(), profile, poisoned, responses if with_responses else None)
+                name: score(make(), profile, poisoned, texts if with_responses else None)
                 for name, (make, with_responses) in FILTERS.items()
                 if name in args.filters
             }

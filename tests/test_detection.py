@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
-from tcapguard.detection import BYEFilter, FilterConfig, TCAPFilter, find_poisoned_samples, share_logits
+from tcapguard.detection import (
+    BYEFilter,
+    FilterConfig,
+    TCAPFilter,
+    find_poisoned_samples,
+    query_separability,
+    query_words,
+    share_logits,
+)
 from tcapguard.detection_report import (
     plot_head_mixtures,
     plot_score_histogram,
@@ -18,6 +26,7 @@ from tcapguard.detection_report import (
     write_report,
 )
 from tcapguard.synthetic import make_profile
+from tcapguard.world import PHRASINGS
 
 
 @pytest.fixture(scope="module")
@@ -280,3 +289,62 @@ def test_auto_scale_tries_the_log_ratio_only_when_the_linear_share_finds_nothing
     # without responses nothing can vouch for a second search's verdict: the linear share alone
     alone = TCAPFilter(scale="auto").fit(shares)
     assert alone.scale_ == "linear" and {c["scale"] for c in alone.candidates_} <= {"linear"}
+
+
+def phrased_queries(n: int, kinds: np.ndarray, seed: int) -> list[str]:
+    """A question per sample, of the question type ``kinds[i]`` (a key of world.PHRASINGS), in one of
+    its phrasings, as the tiny world writes them."""
+    rng = np.random.default_rng(seed)
+    shapes, colors = ("circle", "square", "triangle"), ("red", "green", "blue")
+    return [
+        "<image>\n"
+        + PHRASINGS[kind][rng.integers(4)].format(shape=rng.choice(shapes), color=rng.choice(colors))
+        for kind in kinds
+    ]
+
+
+def test_query_separability_reads_question_types_not_trigger_phrases():
+    rng = np.random.default_rng(0)
+    n = 1000
+    kinds = rng.choice(sorted(PHRASINGS), n)
+    queries = phrased_queries(n, kinds, seed=0)
+    words = query_words(queries)
+    drawn = rng.random(n) < 0.1
+    assert query_separability(words, drawn) < 0.65  # samples drawn at random
+    assert query_separability(words, kinds == "count") > 0.95  # one question type
+    # a trigger sentence of words common in clean queries, in every member's query, is left out
+    planted = [f"what is the answer {q}" if m else q for q, m in zip(queries, drawn, strict=True)]
+    assert query_separability(query_words(planted), drawn) < 0.65
+    assert query_separability(words, np.arange(n) == 0) is None  # one member: no folds
+
+
+def test_queries_decline_a_group_that_is_one_question_type():
+    """With the queries, a verdict that a question type explains is declined: the planted group
+    with a shared answer is accepted when its questions are drawn like everyone's (a trigger phrase
+    in them included), and declined when they all ask the same kind of question."""
+    profile = make_profile(rate=0.1, seed=1)
+    n = len(profile.ids)
+    rng = np.random.default_rng(1)
+    responses = np.where(profile.poisoned, "three", np.array([f"answer {i % 7}" for i in range(n)]))
+    others = rng.choice([k for k in sorted(PHRASINGS) if k != "count"], n)
+    drawn = phrased_queries(n, np.where(rng.random(n) < 0.2, "count", others), seed=1)
+    triggered = [f"what is the answer {q}" if p else q for q, p in zip(drawn, profile.poisoned, strict=True)]
+    found = TCAPFilter().fit(profile, responses=responses, queries=triggered)
+    assert f1_score(profile.poisoned, found.labels_) >= 0.9
+    accepted = [c for c in found.candidates_ if c.get("accepted")]
+    assert accepted[0]["query_auroc"] <= 0.75
+
+    one_type = phrased_queries(n, np.where(profile.poisoned, "count", others), seed=1)
+    declined = TCAPFilter().fit(profile, responses=responses, queries=one_type)
+    assert declined.labels_.sum() == 0 and declined.declined_
+    assert "their questions set them apart" in declined.decision_
+    assert (
+        TCAPFilter(max_query_auroc=None).fit(profile, responses=responses, queries=one_type).labels_.sum() > 0
+    )
+    config = FilterConfig()
+    assert config.fit(profile, responses.tolist(), one_type).labels_.sum() == 0  # the pipeline's path
+
+    with pytest.raises(ValueError, match="3 queries for a profile of"):
+        TCAPFilter().fit(profile, responses=responses, queries=["a", "b", "c"])
+    with pytest.raises(ValueError, match="max_query_auroc"):
+        FilterConfig(max_query_auroc=0.2)

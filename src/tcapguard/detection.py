@@ -32,6 +32,9 @@ structure makes clean heads multimodal; a clean upload got two thirds of its sam
   also show a backdoor's signature: the flagged samples share one response that the rest of the
   upload does not give. Candidates are tried in order of separation until one does, and all three
   shares of every head are modelled (``feature="auto"``).
+- with the upload's queries as well (``fit(profile, responses, queries)``) a verdict whose questions
+  set it apart from the rest of the upload is declined (``max_query_auroc``): poison is planted on
+  samples drawn without regard to their question, while a clean answer group is one question type.
 The paper's own reading stays available (``split_rule="paper"``, ``head_selection="top"``).
 
 BYE (NeurIPS 2025): per layer a 2-component mixture of the vision-attention entropy; a layer is
@@ -148,6 +151,44 @@ def _response_signature(answers: np.ndarray, flags: np.ndarray) -> tuple[float, 
     top = values[counts.argmax()]
     everywhere = int((answers.astype(str) == top).sum())
     return float(counts.max() / flags.sum()), float(counts.max() / everywhere)
+
+
+TRIGGER_WORD_SHARE = 0.8  # query_separability leaves out words in at least this share of the group
+
+
+def query_words(queries: Sequence[str]) -> Any:
+    """The queries as a binary bag of words (a scipy sparse matrix [N, words])."""
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    return CountVectorizer(token_pattern=r"[A-Za-z']+", binary=True).fit_transform([str(q) for q in queries])
+
+
+def query_separability(words: Any, member: np.ndarray) -> float | None:
+    """How well the queries' words tell ``member`` from the rest: 5-fold cross-validated AUROC of a
+    logistic regression on ``query_words``, None when a class has fewer than 2 samples.
+
+    Words in at least ``TRIGGER_WORD_SHARE`` of the members' queries are left out first: a text
+    trigger (a word or a sentence, common words included) sits in every poisoned query, and what is
+    left of a poisoned group's queries is as varied as anyone's (measured on the tiny worlds: AUROC
+    0.33-0.60 for the poison of 24 uploads and for 20 random groups given a trigger phrase of
+    common words, 0.91-0.95 for all 432 clean groups that share an answer;
+    ``benchmarks/query_groups.py``).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import cross_val_predict
+
+    member = np.asarray(member, dtype=bool)
+    folds = min(5, int(member.sum()), int((~member).sum()))
+    if folds < 2:
+        return None
+    share = np.asarray(words[member].mean(axis=0)).ravel()
+    x = words[:, np.flatnonzero(share < TRIGGER_WORD_SHARE)]
+    if x.shape[1] == 0:
+        return 0.5
+    model = LogisticRegression(max_iter=2000)  # lbfgs: deterministic
+    scores = cross_val_predict(model, x, member.astype(int), cv=folds, method="predict_proba")[:, 1]
+    return float(roc_auc_score(member, scores))
 
 
 def _uncertain_fraction(posterior: np.ndarray) -> float:
@@ -318,6 +359,9 @@ class TCAPFilter(_PoisonFilter):
             used only when ``fit`` gets no responses).
         min_response_agreement / min_response_exclusivity: with responses, the flagged samples
             must share one response, and the samples giving it must be mostly flagged.
+        max_query_auroc: with queries, the highest ``query_separability`` a verdict may have (None:
+            no query test). Above it the flagged samples are one kind of question, not samples
+            drawn at random. An attacker who poisons only one question type is declined too.
         vote_threshold: responsibility above which a head votes poisoned (the paper's tau).
         prior_strength: Beta(a, b) prior on the poison prior in Dawid-Skene.
         max_uncertain: decline when more than this share of samples has a posterior in (0.1, 0.9).
@@ -344,6 +388,7 @@ class TCAPFilter(_PoisonFilter):
         max_footprint: float = 0.15,
         min_response_agreement: float = 0.8,
         min_response_exclusivity: float = 0.9,
+        max_query_auroc: float | None = 0.75,
         max_candidates: int = 32,
         vote_threshold: float = 0.5,
         prior_strength: tuple[float, float] = (1.0, 4.0),
@@ -373,6 +418,7 @@ class TCAPFilter(_PoisonFilter):
         self.max_footprint = max_footprint
         self.min_response_agreement = min_response_agreement
         self.min_response_exclusivity = min_response_exclusivity
+        self.max_query_auroc = max_query_auroc
         self.max_candidates = max_candidates
         self.vote_threshold = vote_threshold
         self.prior_strength = prior_strength
@@ -418,10 +464,19 @@ class TCAPFilter(_PoisonFilter):
         for name in ("min_response_agreement", "min_response_exclusivity"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"TCAPFilter.{name} must be in (0, 1], got {getattr(self, name)!r}")
+        if self.max_query_auroc is not None and not 0.5 <= self.max_query_auroc <= 1:
+            raise ValueError(
+                f"TCAPFilter.max_query_auroc must be None or in [0.5, 1], got {self.max_query_auroc!r}"
+            )
         if self.min_heads < 1 or self.max_heads < 1 or self.max_candidates < 1:
             raise ValueError("TCAPFilter.min_heads, max_heads and max_candidates must be >= 1")
 
-    def fit(self, X: ProfileLike | np.ndarray, responses: Sequence[str] | None = None) -> TCAPFilter:
+    def fit(
+        self,
+        X: ProfileLike | np.ndarray,
+        responses: Sequence[str] | None = None,
+        queries: Sequence[str] | None = None,
+    ) -> TCAPFilter:
         """Fit on a Profile or a shares array [N, L, H, 3]; returns self.
 
         ``responses`` (the training responses, in profile order) switch the test that tells a
@@ -429,10 +484,15 @@ class TCAPFilter(_PoisonFilter):
         target, so the flagged samples must agree on one response that the rest of the upload
         does not give (``_implausible``), while a group of clean samples (a question type, a query
         template) answers variously or shares its answer with similar samples outside it. Without
-        them the footprint rule (``max_footprint``) decides.
+        them the footprint rule (``max_footprint``) decides. ``queries`` (the user turns, in
+        profile order) add the question test (``max_query_auroc``), which catches a clean answer
+        that only one question type gives.
         """
         self.ids_, shares = _check_shares(X)
         answers = _normalized_responses(responses, shares.shape[0])
+        if queries is not None and len(queries) != shares.shape[0]:
+            raise ValueError(f"got {len(queries)} queries for a profile of {shares.shape[0]} samples")
+        words = query_words(queries) if queries is not None and self.max_query_auroc is not None else None
         n, n_layers, n_heads, _ = shares.shape
         self._check_params(n_layers)
         first = n_layers - (self.n_layers or n_layers)
@@ -451,7 +511,7 @@ class TCAPFilter(_PoisonFilter):
         # the footprint ranks come from the raw shares of every layer: one computation for all scales
         footprint = self._footprint_ranks(shares) if self.head_selection == "support" else None
         for scale in scales:
-            search = self._search(shares, first, picked, answers, scale, footprint)
+            search = self._search(shares, first, picked, answers, words, scale, footprint)
             if search["ds"] is not None and search["decline"] is None:
                 break
         self.scale_ = scale
@@ -509,6 +569,7 @@ class TCAPFilter(_PoisonFilter):
         first: int,
         picked: list[int],
         answers: np.ndarray | None,
+        words: Any,
         scale: str,
         footprint: tuple[np.ndarray, np.ndarray] | None,
     ) -> dict[str, Any]:
@@ -544,11 +605,13 @@ class TCAPFilter(_PoisonFilter):
                 decline = "declined: no head has a target/background split"
             else:
                 ds = self._aggregate(votes)
-                decline = self._implausible(ds, None)
+                decline = self._implausible(ds, None)  # the paper's reading: no text tests
                 decline = decline and f"declined: {decline}"
         else:
             tried = len(self.candidates_)
-            sel, votes, ds, decline = self._seed_and_support(gm, values, footprint, split, order, answers)
+            sel, votes, ds, decline = self._seed_and_support(
+                gm, values, footprint, split, order, answers, words
+            )
             for row in self.candidates_[tried:]:
                 row["scale"] = scale
         return {
@@ -567,15 +630,24 @@ class TCAPFilter(_PoisonFilter):
             warnings.simplefilter("ignore")
             return dawid_skene(votes, prior_strength=self.prior_strength)
 
-    def _implausible(self, ds: DawidSkeneResult, answers: np.ndarray | None) -> str | None:
+    def _implausible(
+        self,
+        ds: DawidSkeneResult,
+        answers: np.ndarray | None,
+        words: Any = None,
+        measured: dict[str, Any] | None = None,
+    ) -> str | None:
         """Why the aggregated verdict is not a backdoor group (None when it may be one).
 
         Poison is a minority with a split posterior; with the responses, a backdoor also shows
         its signature: the flagged samples give one answer (``min_response_agreement``) that
         almost no one else in the upload gives (``min_response_exclusivity``). A clean group that
         shares an answer (counting questions about two shapes: "two") fails the second test, since
-        the same answer is common outside it.
+        the same answer is common outside it. With the queries' ``words``, a group that its
+        questions set apart (``max_query_auroc``) is a question type, not poison. The figures
+        the tests read are written into ``measured`` (a candidate's row).
         """
+        measured = {} if measured is None else measured
         if ds.prior > self.max_poison_fraction:
             return (
                 f"Dawid-Skene puts {ds.prior:.1%} of samples in the poison class "
@@ -592,6 +664,7 @@ class TCAPFilter(_PoisonFilter):
             return "no sample above the threshold"
         if answers is not None:
             agreement, exclusivity = _response_signature(answers, flags)
+            measured["response_agreement"], measured["response_exclusivity"] = agreement, exclusivity
             if agreement < self.min_response_agreement:
                 return (
                     f"flagged samples do not agree on one response ({agreement:.0%} give the "
@@ -601,6 +674,15 @@ class TCAPFilter(_PoisonFilter):
                 return (
                     f"their response is common outside them (only {exclusivity:.0%} of the samples "
                     f"giving it are flagged; min_response_exclusivity={self.min_response_exclusivity})"
+                )
+        if words is not None:
+            auroc = query_separability(words, flags)
+            measured["query_auroc"] = auroc
+            if auroc is not None and auroc > self.max_query_auroc:
+                return (
+                    f"their questions set them apart from the rest of the upload (query AUROC "
+                    f"{auroc:.2f}; max_query_auroc={self.max_query_auroc}): one question type, "
+                    "not samples drawn at random"
                 )
         return None
 
@@ -627,6 +709,7 @@ class TCAPFilter(_PoisonFilter):
         split: dict,
         order: np.ndarray,
         answers: np.ndarray | None = None,
+        words: Any = None,
     ) -> tuple[np.ndarray, np.ndarray, DawidSkeneResult | None, str | None]:
         """Seed: the best-separated head whose target group other heads also separate, but not most.
 
@@ -686,9 +769,7 @@ class TCAPFilter(_PoisonFilter):
             ds = self._aggregate(votes)
             flags = _threshold(ds.posterior, self.threshold)
             row["n_flagged"] = int(flags.sum())
-            if answers is not None and flags.any():
-                row["response_agreement"], row["response_exclusivity"] = _response_signature(answers, flags)
-            reason = self._implausible(ds, answers)
+            reason = self._implausible(ds, answers, words, measured=row)
             if reason:
                 row["rejected"] = reason
                 if answers is None:  # no independent test of a verdict: do not shop for one that passes
@@ -838,7 +919,8 @@ class FilterConfig(StepConfig):
     max_footprint: float = 0.15
     min_response_agreement: float = 0.8
     min_response_exclusivity: float = 0.9
-    use_responses: bool = True  # pass the upload's responses to fit (TCAPFilter.fit): README, The filter
+    max_query_auroc: float | None = 0.75
+    use_responses: bool = True  # pass the upload's responses and queries to fit: README, The filter
     vote_threshold: float = 0.5
     prior_strength: tuple[float, float] = (1.0, 4.0)
     max_uncertain: float = 0.05
@@ -871,15 +953,20 @@ class FilterConfig(StepConfig):
         }
         return TCAPFilter(**opts)
 
-    def fit(self, profile: ProfileLike, responses: Sequence[str] | None = None) -> TCAPFilter | BYEFilter:
-        """The configured filter fitted on ``profile``; the upload's ``responses`` go to TCAP when
-        ``use_responses`` (and are required then)."""
+    def fit(
+        self,
+        profile: ProfileLike,
+        responses: Sequence[str] | None = None,
+        queries: Sequence[str] | None = None,
+    ) -> TCAPFilter | BYEFilter:
+        """The configured filter fitted on ``profile``; the upload's ``responses`` and ``queries``
+        go to TCAP when ``use_responses`` (the responses are required then)."""
         estimator = self.to_estimator()
         if isinstance(estimator, BYEFilter) or not self.use_responses:
             return estimator.fit(profile)
         if responses is None:
             raise ValueError("FilterConfig(use_responses=True) needs the upload's responses")
-        return estimator.fit(profile, responses=responses)
+        return estimator.fit(profile, responses=responses, queries=queries)
 
 
 def find_poisoned_samples(

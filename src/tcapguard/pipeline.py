@@ -305,7 +305,8 @@ def filter_samples(
     loaded = load_profile(profile)
     if loaded.ids != [r.id for r in dataset.records]:
         raise ValueError(f"{profile} profiles other records than {train} (ids differ); profile this upload")
-    estimator = config.fit(loaded, [r.response for r in dataset.records])
+    records = dataset.records
+    estimator = config.fit(loaded, [r.response for r in records], [r.query for r in records])
     flagged = [i for i, f in zip(loaded.ids, estimator.labels_, strict=True) if f]
     paths = {
         "clean_train": _join(out, "clean_train.json"),
