@@ -9,9 +9,8 @@ or a sentence, sits in all of them). A backdoor is planted on samples drawn at r
 questions look like everyone else's; a clean answer (in these worlds) is given by one question
 type. Per upload it reads the poisoned samples (ground truth), the filter's flags with and without
 the query test, and every clean answer that 0.5-20% of the upload gives; on one upload it also
-plants trigger phrases of common words (``PHRASES``) in random samples' queries, where a rule that
-drops only the words far commoner in the group than outside fails. The guard works if poison stays
-near 0.5 and clean answer groups do not. Reads the worlds and profiles that
+plants trigger phrases of common words (``PHRASES``) in random samples' queries. The guard works if
+poison stays near 0.5 and clean answer groups do not. Reads the worlds and profiles that
 ``benchmarks/detection.py`` caches. Results go to ``benchmarks/results/query_groups.json``.
 """
 

@@ -9,7 +9,8 @@
 (a) "plain" is the poisoned world's own fine-tune (the cached world of ``tcapguard.tinyworld``);
 every other variant fine-tunes the same clean base on the same poisoned upload with the same recipe
 plus ``FinetuneConfig.robust``; (c) "tcap" and (d) "tcap+robust" first drop what the pipeline's
-default filter flags (``FilterConfig()`` on the world's profile, given the upload's responses).
+default filter flags (``FilterConfig()`` on the world's profile, given the upload's responses and
+queries).
 Beside each model's ASR is the estimate a production gate sees without knowing the attack:
 residual ASR (``tcapguard.evaluation.residual_asr``) from the default filter's flags on the upload
 and the trigger regions it localises, replayed and pasted through that model (0 by definition when
@@ -67,7 +68,8 @@ def filter_upload(world, train) -> tuple[list[str], dict[str, Box]]:
     """What the pipeline's default filter flags in the world's upload ``train``, and the suspected
     trigger regions that the filter step localises with the probe model (the world's own fine-tune)."""
     profile = world.load_profile()
-    estimator = FilterConfig().fit(profile, [r.response for r in train.records])
+    records = train.records
+    estimator = FilterConfig().fit(profile, [r.response for r in records], [r.query for r in records])
     flagged = [i for i, flag in zip(profile.ids, estimator.labels_, strict=True) if flag]
     model, processor = load_model(world.model)
     maps = flagged_attention_maps(estimator, model, processor, train, flagged)

@@ -168,14 +168,22 @@ def test_filter_config_builds_the_configured_estimator():
         FilterConfig(split_rule="middle")
 
 
-def test_filter_config_fits_with_the_responses_it_asks_for(poisoned):
+def test_filter_config_fits_with_the_texts_it_asks_for(poisoned):
     responses = np.where(poisoned.poisoned, "backdoor attack", "other").tolist()
-    with_responses = FilterConfig().fit(poisoned, responses)
+    queries = [f"question {i}" for i in range(len(responses))]
+    with_responses = FilterConfig().fit(poisoned, responses, queries)
     assert with_responses.features_ == ["system", "vision", "text"]  # "auto" saw the responses
     assert FilterConfig(use_responses=False).fit(poisoned, responses).features_ == ["system"]
     assert isinstance(FilterConfig(method="bye").fit(poisoned, responses), BYEFilter)
+    assert FilterConfig(max_query_auroc=None).fit(poisoned, responses).features_ == [
+        "system",
+        "vision",
+        "text",
+    ]
     with pytest.raises(ValueError, match="needs the upload's responses"):
         FilterConfig().fit(poisoned)
+    with pytest.raises(ValueError, match="and queries"):
+        FilterConfig().fit(poisoned, responses)
 
 
 def test_reports_and_plots(tmp_path, fitted):
@@ -291,14 +299,15 @@ def test_auto_scale_tries_the_log_ratio_only_when_the_linear_share_finds_nothing
     assert alone.scale_ == "linear" and {c["scale"] for c in alone.candidates_} <= {"linear"}
 
 
-def phrased_queries(n: int, kinds: np.ndarray, seed: int) -> list[str]:
+def phrased_queries(kinds: np.ndarray, seed: int) -> list[str]:
     """A question per sample, of the question type ``kinds[i]`` (a key of world.PHRASINGS), in one of
-    its phrasings, as the tiny world writes them."""
+    its phrasings, as the tiny world asks them."""
     rng = np.random.default_rng(seed)
     shapes, colors = ("circle", "square", "triangle"), ("red", "green", "blue")
     return [
-        "<image>\n"
-        + PHRASINGS[kind][rng.integers(4)].format(shape=rng.choice(shapes), color=rng.choice(colors))
+        PHRASINGS[kind][rng.integers(len(PHRASINGS[kind]))].format(
+            shape=rng.choice(shapes), color=rng.choice(colors)
+        )
         for kind in kinds
     ]
 
@@ -307,7 +316,7 @@ def test_query_separability_reads_question_types_not_trigger_phrases():
     rng = np.random.default_rng(0)
     n = 1000
     kinds = rng.choice(sorted(PHRASINGS), n)
-    queries = phrased_queries(n, kinds, seed=0)
+    queries = phrased_queries(kinds, seed=0)
     words = query_words(queries)
     drawn = rng.random(n) < 0.1
     assert query_separability(words, drawn) < 0.65  # samples drawn at random
@@ -316,6 +325,8 @@ def test_query_separability_reads_question_types_not_trigger_phrases():
     planted = [f"what is the answer {q}" if m else q for q, m in zip(queries, drawn, strict=True)]
     assert query_separability(query_words(planted), drawn) < 0.65
     assert query_separability(words, np.arange(n) == 0) is None  # one member: no folds
+    assert query_words(["", " "]) is None  # image-only turns: no words, no test
+    assert query_words(["这是什么颜色", "¿qué forma?"]).shape[1] >= 2  # any script's words
 
 
 def test_queries_decline_a_group_that_is_one_question_type():
@@ -327,14 +338,14 @@ def test_queries_decline_a_group_that_is_one_question_type():
     rng = np.random.default_rng(1)
     responses = np.where(profile.poisoned, "three", np.array([f"answer {i % 7}" for i in range(n)]))
     others = rng.choice([k for k in sorted(PHRASINGS) if k != "count"], n)
-    drawn = phrased_queries(n, np.where(rng.random(n) < 0.2, "count", others), seed=1)
+    drawn = phrased_queries(np.where(rng.random(n) < 0.2, "count", others), seed=1)
     triggered = [f"what is the answer {q}" if p else q for q, p in zip(drawn, profile.poisoned, strict=True)]
     found = TCAPFilter().fit(profile, responses=responses, queries=triggered)
     assert f1_score(profile.poisoned, found.labels_) >= 0.9
     accepted = [c for c in found.candidates_ if c.get("accepted")]
     assert accepted[0]["query_auroc"] <= 0.75
 
-    one_type = phrased_queries(n, np.where(profile.poisoned, "count", others), seed=1)
+    one_type = phrased_queries(np.where(profile.poisoned, "count", others), seed=1)
     declined = TCAPFilter().fit(profile, responses=responses, queries=one_type)
     assert declined.labels_.sum() == 0 and declined.declined_
     assert "their questions set them apart" in declined.decision_
@@ -344,6 +355,8 @@ def test_queries_decline_a_group_that_is_one_question_type():
     config = FilterConfig()
     assert config.fit(profile, responses.tolist(), one_type).labels_.sum() == 0  # the pipeline's path
 
+    wordless = TCAPFilter().fit(profile, responses=responses, queries=[""] * n)  # nothing to read
+    assert f1_score(profile.poisoned, wordless.labels_) >= 0.9
     with pytest.raises(ValueError, match="3 queries for a profile of"):
         TCAPFilter().fit(profile, responses=responses, queries=["a", "b", "c"])
     with pytest.raises(ValueError, match="max_query_auroc"):

@@ -46,16 +46,21 @@ flagged.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from tcapguard.config import StepConfig
 from tcapguard.mixtures import GaussianMixture1D
 from tcapguard.voting import DawidSkeneResult, dawid_skene
+
+if TYPE_CHECKING:
+    from scipy.sparse import csr_matrix
 
 log = logging.getLogger(__name__)
 
@@ -156,27 +161,33 @@ def _response_signature(answers: np.ndarray, flags: np.ndarray) -> tuple[float, 
 TRIGGER_WORD_SHARE = 0.8  # query_separability leaves out words in at least this share of the group
 
 
-def query_words(queries: Sequence[str]) -> Any:
-    """The queries as a binary bag of words (a scipy sparse matrix [N, words])."""
+def query_words(queries: Sequence[str]) -> csr_matrix | None:
+    """The queries as a binary bag of words [N, words] (any script's word characters); None when
+    no query has a word (image-only turns), which leaves nothing for the query test to read."""
     from sklearn.feature_extraction.text import CountVectorizer
 
-    return CountVectorizer(token_pattern=r"[A-Za-z']+", binary=True).fit_transform([str(q) for q in queries])
+    vectorizer = CountVectorizer(token_pattern=r"(?u)\b\w+\b", binary=True)
+    try:
+        return vectorizer.fit_transform([str(q) for q in queries])
+    except ValueError:  # empty vocabulary
+        return None
 
 
-def query_separability(words: Any, member: np.ndarray) -> float | None:
+def query_separability(words: csr_matrix, member: np.ndarray, random_state: int | None = 0) -> float | None:
     """How well the queries' words tell ``member`` from the rest: 5-fold cross-validated AUROC of a
-    logistic regression on ``query_words``, None when a class has fewer than 2 samples.
+    logistic regression on ``query_words`` (folds shuffled with ``random_state``, so the upload's
+    order does not matter), None when a class has fewer than 2 samples.
 
     Words in at least ``TRIGGER_WORD_SHARE`` of the members' queries are left out first: a text
     trigger (a word or a sentence, common words included) sits in every poisoned query, and what is
     left of a poisoned group's queries is as varied as anyone's (measured on the tiny worlds: AUROC
-    0.33-0.60 for the poison of 24 uploads and for 20 random groups given a trigger phrase of
+    0.39-0.65 for the poison of 24 uploads and for 20 random groups given a trigger phrase of
     common words, 0.91-0.95 for all 432 clean groups that share an answer;
     ``benchmarks/query_groups.py``).
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import cross_val_predict
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     member = np.asarray(member, dtype=bool)
     folds = min(5, int(member.sum()), int((~member).sum()))
@@ -186,8 +197,9 @@ def query_separability(words: Any, member: np.ndarray) -> float | None:
     x = words[:, np.flatnonzero(share < TRIGGER_WORD_SHARE)]
     if x.shape[1] == 0:
         return 0.5
-    model = LogisticRegression(max_iter=2000)  # lbfgs: deterministic
-    scores = cross_val_predict(model, x, member.astype(int), cv=folds, method="predict_proba")[:, 1]
+    cv = StratifiedKFold(folds, shuffle=True, random_state=random_state)
+    model = LogisticRegression(max_iter=2000)
+    scores = cross_val_predict(model, x, member.astype(int), cv=cv, method="predict_proba")[:, 1]
     return float(roc_auc_score(member, scores))
 
 
@@ -361,7 +373,10 @@ class TCAPFilter(_PoisonFilter):
             must share one response, and the samples giving it must be mostly flagged.
         max_query_auroc: with queries, the highest ``query_separability`` a verdict may have (None:
             no query test). Above it the flagged samples are one kind of question, not samples
-            drawn at random. An attacker who poisons only one question type is declined too.
+            drawn at random. An attacker who poisons only one question type is declined too; a
+            clean group asked in one fixed wording is not caught (its words are in every query of
+            the group and are left out, as a trigger's are); groups of one sample pass; with
+            ``head_selection="top"`` (the paper's reading) the responses and queries are ignored.
         vote_threshold: responsibility above which a head votes poisoned (the paper's tau).
         prior_strength: Beta(a, b) prior on the poison prior in Dawid-Skene.
         max_uncertain: decline when more than this share of samples has a posterior in (0.1, 0.9).
@@ -492,7 +507,10 @@ class TCAPFilter(_PoisonFilter):
         answers = _normalized_responses(responses, shares.shape[0])
         if queries is not None and len(queries) != shares.shape[0]:
             raise ValueError(f"got {len(queries)} queries for a profile of {shares.shape[0]} samples")
-        words = query_words(queries) if queries is not None and self.max_query_auroc is not None else None
+        test_queries = (
+            queries is not None and self.max_query_auroc is not None and self.head_selection == "support"
+        )
+        words = query_words(queries) if test_queries else None
         n, n_layers, n_heads, _ = shares.shape
         self._check_params(n_layers)
         first = n_layers - (self.n_layers or n_layers)
@@ -569,7 +587,7 @@ class TCAPFilter(_PoisonFilter):
         first: int,
         picked: list[int],
         answers: np.ndarray | None,
-        words: Any,
+        words: csr_matrix | None,
         scale: str,
         footprint: tuple[np.ndarray, np.ndarray] | None,
     ) -> dict[str, Any]:
@@ -634,7 +652,7 @@ class TCAPFilter(_PoisonFilter):
         self,
         ds: DawidSkeneResult,
         answers: np.ndarray | None,
-        words: Any = None,
+        words: csr_matrix | None = None,
         measured: dict[str, Any] | None = None,
     ) -> str | None:
         """Why the aggregated verdict is not a backdoor group (None when it may be one).
@@ -648,6 +666,11 @@ class TCAPFilter(_PoisonFilter):
         the tests read are written into ``measured`` (a candidate's row).
         """
         measured = {} if measured is None else measured
+        flags = _threshold(ds.posterior, self.threshold)
+        if answers is not None and flags.any():
+            measured["response_agreement"], measured["response_exclusivity"] = _response_signature(
+                answers, flags
+            )
         if ds.prior > self.max_poison_fraction:
             return (
                 f"Dawid-Skene puts {ds.prior:.1%} of samples in the poison class "
@@ -659,12 +682,10 @@ class TCAPFilter(_PoisonFilter):
                 f"posterior spread, {uncertain:.1%} of samples between 0.1 and 0.9 "
                 f"(max_uncertain={self.max_uncertain})"
             )
-        flags = _threshold(ds.posterior, self.threshold)
         if not flags.any():
             return "no sample above the threshold"
         if answers is not None:
-            agreement, exclusivity = _response_signature(answers, flags)
-            measured["response_agreement"], measured["response_exclusivity"] = agreement, exclusivity
+            agreement, exclusivity = measured["response_agreement"], measured["response_exclusivity"]
             if agreement < self.min_response_agreement:
                 return (
                     f"flagged samples do not agree on one response ({agreement:.0%} give the "
@@ -676,7 +697,7 @@ class TCAPFilter(_PoisonFilter):
                     f"giving it are flagged; min_response_exclusivity={self.min_response_exclusivity})"
                 )
         if words is not None:
-            auroc = query_separability(words, flags)
+            auroc = query_separability(words, flags, self.random_state)
             measured["query_auroc"] = auroc
             if auroc is not None and auroc > self.max_query_auroc:
                 return (
@@ -709,7 +730,7 @@ class TCAPFilter(_PoisonFilter):
         split: dict,
         order: np.ndarray,
         answers: np.ndarray | None = None,
-        words: Any = None,
+        words: csr_matrix | None = None,
     ) -> tuple[np.ndarray, np.ndarray, DawidSkeneResult | None, str | None]:
         """Seed: the best-separated head whose target group other heads also separate, but not most.
 
@@ -786,11 +807,14 @@ class TCAPFilter(_PoisonFilter):
             return f"declined: no head separates a minority group (SS >= {self.min_separation})"
         tried = [c for c in self.candidates_ if "n_flagged" in c]  # reached a verdict
         example = (tried or self.candidates_)[0]
+        # one count per test: the reason up to its figures in brackets, its numbers as "#"
+        tally = Counter(re.sub(r"\d[\d.]*%?", "#", c["rejected"].split(" (")[0]) for c in self.candidates_)
         return (
             f"declined: none of {len(self.candidates_)} candidate group(s) (heads with SS >= "
             f"{self.min_separation}) looks like a backdoor ({len(tried)} reached a verdict; each reason "
             f"is in candidates_); e.g. the group of head-column {example['head']} "
-            f"({example['n_target']} samples): {example['rejected']}"
+            f"({example['n_target']} samples): {example['rejected']}. Reasons: "
+            + "; ".join(f"{count} x {reason}" for reason, count in tally.most_common())
         )
 
     @staticmethod
@@ -960,12 +984,18 @@ class FilterConfig(StepConfig):
         queries: Sequence[str] | None = None,
     ) -> TCAPFilter | BYEFilter:
         """The configured filter fitted on ``profile``; the upload's ``responses`` and ``queries``
-        go to TCAP when ``use_responses`` (the responses are required then)."""
+        go to TCAP when ``use_responses`` (and are required then; the queries only while
+        ``max_query_auroc`` is set)."""
         estimator = self.to_estimator()
         if isinstance(estimator, BYEFilter) or not self.use_responses:
             return estimator.fit(profile)
         if responses is None:
             raise ValueError("FilterConfig(use_responses=True) needs the upload's responses")
+        if queries is None and self.max_query_auroc is not None:
+            raise ValueError(
+                "FilterConfig(use_responses=True) needs the upload's responses and queries "
+                "(max_query_auroc=None turns the query test off)"
+            )
         return estimator.fit(profile, responses=responses, queries=queries)
 
 
