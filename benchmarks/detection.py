@@ -48,13 +48,16 @@ FILTERS = {  # name -> (a fresh filter with its defaults, whether fit gets respo
 }
 
 
-def world_profile(base: BaseSpec, attack: str | None, rate: float, seed: int, cache: Path):
+def world_profile(
+    base: BaseSpec, attack: str | None, rate: float, seed: int, cache: Path, n_train: int = WorldSpec.n_train
+):
     """The world's profile (cached beside it), the upload's texts (``fit``'s ``responses`` and
     ``queries``) and the true poisoned ids."""
     spec = WorldSpec(
         base=base,
         attack=Attack.preset(attack) if attack else None,
         rate=rate if attack else 0.0,
+        n_train=n_train,
         seed=seed,
     )
     world = build_world(spec, cache)
@@ -107,6 +110,7 @@ def main() -> None:
     parser.add_argument("--no-clean", action="store_true", help="skip the clean upload (rate 0)")
     parser.add_argument("--filters", nargs="+", default=list(FILTERS), choices=list(FILTERS))
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--n-train", type=int, default=WorldSpec.n_train, help="samples in the upload")
     add_base_options(parser)
     parser.add_argument("--out", default="benchmarks/results/detection.json")
     args = parser.parse_args()
@@ -121,7 +125,9 @@ def main() -> None:
         + " | ".join(f"{name:>10s}: F1 AUROC flagged" for name in args.filters)
     )
     for family, attack, rate, seed in cells:
-        profile, texts, poisoned = world_profile(base_spec(family, args), attack, rate, seed, cache)
+        profile, texts, poisoned = world_profile(
+            base_spec(family, args), attack, rate, seed, cache, n_train=args.n_train
+        )
         row = {
             "family": family,
             "attack": attack or "clean",

@@ -59,6 +59,7 @@ def main() -> None:
     )
     parser.add_argument("--rate", type=float, default=0.10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-train", type=int, default=WorldSpec.n_train, help="samples in the upload")
     add_base_options(parser)
     parser.add_argument("--out", default="benchmarks/results/world.json")
     args = parser.parse_args()
@@ -69,7 +70,9 @@ def main() -> None:
         base = build_base(base_config)
         for kind in args.attacks:
             attack = Attack.preset(kind)
-            spec = WorldSpec(base=base_config, attack=attack, rate=args.rate, seed=args.seed)
+            spec = WorldSpec(
+                base=base_config, attack=attack, rate=args.rate, n_train=args.n_train, seed=args.seed
+            )
             world, seconds = timed(build_world, spec)
             train_log = json.loads((world.model / "tcapguard_finetune.json").read_text())
             model, processor = load_model(world.model)
@@ -86,6 +89,7 @@ def main() -> None:
                 "attack": kind,
                 "rate": args.rate,
                 "seed": args.seed,
+                "n_train": args.n_train,
                 "clean_accuracy": clean,
                 "clean_accuracy_by_question": by_qtype,
                 "clean_accuracy_by_objects": by_objects,
