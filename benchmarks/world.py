@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-train", type=int, default=WorldSpec.n_train, help="samples in the upload")
+    parser.add_argument("--epochs", type=int, default=None, help="fine-tune epochs (default: WorldSpec's)")
     add_base_options(parser)
     parser.add_argument("--out", default="benchmarks/results/world.json")
     args = parser.parse_args()
@@ -73,6 +75,8 @@ def main() -> None:
             spec = WorldSpec(
                 base=base_config, attack=attack, rate=args.rate, n_train=args.n_train, seed=args.seed
             )
+            if args.epochs is not None:
+                spec = replace(spec, finetune=replace(spec.finetune, epochs=args.epochs))
             world, seconds = timed(build_world, spec)
             train_log = json.loads((world.model / "tcapguard_finetune.json").read_text())
             model, processor = load_model(world.model)
@@ -90,6 +94,7 @@ def main() -> None:
                 "rate": args.rate,
                 "seed": args.seed,
                 "n_train": args.n_train,
+                "epochs": spec.finetune.epochs,
                 "clean_accuracy": clean,
                 "clean_accuracy_by_question": by_qtype,
                 "clean_accuracy_by_objects": by_objects,
