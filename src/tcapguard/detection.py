@@ -140,12 +140,17 @@ def _check_shares(X: Any) -> tuple[list[str] | None, np.ndarray]:
     return ids, shares
 
 
+def _check_count(texts: Sequence[str] | None, n: int, what: str) -> None:
+    """One text per profiled sample (``what``: "responses" or "queries"), or none at all."""
+    if texts is not None and len(texts) != n:
+        raise ValueError(f"got {len(texts)} {what} for a profile of {n} samples")
+
+
 def _normalized_responses(responses: Sequence[str] | None, n: int) -> np.ndarray | None:
     """Responses lower-cased with whitespace and punctuation at the ends dropped, as an array."""
+    _check_count(responses, n, "responses")
     if responses is None:
         return None
-    if len(responses) != n:
-        raise ValueError(f"got {len(responses)} responses for a profile of {n} samples")
     return np.array([" ".join(str(r).lower().split()).strip(" .!?,;:") for r in responses], dtype=object)
 
 
@@ -505,8 +510,7 @@ class TCAPFilter(_PoisonFilter):
         """
         self.ids_, shares = _check_shares(X)
         answers = _normalized_responses(responses, shares.shape[0])
-        if queries is not None and len(queries) != shares.shape[0]:
-            raise ValueError(f"got {len(queries)} queries for a profile of {shares.shape[0]} samples")
+        _check_count(queries, shares.shape[0], "queries")
         test_queries = (
             queries is not None and self.max_query_auroc is not None and self.head_selection == "support"
         )
