@@ -9,8 +9,9 @@ from tcapguard.tinyworld import BaseSpec
 
 
 def add_base_options(parser: argparse.ArgumentParser) -> None:
-    """``--scene-weight``, ``--pretrain-samples`` and ``--questions-per-scene``, defaulting to
-    ``BaseSpec``'s own (``--scene-weight 0 --pretrain-samples 32000`` is the earlier default world)."""
+    """``--scene-weight``, ``--pretrain-samples``, ``--questions-per-scene`` and ``--instruct-samples``,
+    defaulting to ``BaseSpec``'s own (``--scene-weight 0 --pretrain-samples 32000`` is the earlier
+    default world; ``--instruct-samples 80000`` adds the instruction stage)."""
     default = BaseSpec()
     parser.add_argument(
         "--scene-weight",
@@ -27,6 +28,12 @@ def add_base_options(parser: argparse.ArgumentParser) -> None:
         default=default.questions_per_scene,
         help="BaseSpec.questions_per_scene (question-answer turns per pre-training scene)",
     )
+    parser.add_argument(
+        "--instruct-samples",
+        type=int,
+        default=default.instruct_samples,
+        help="BaseSpec.instruct_samples (scenes of the instruction stage; 0: none)",
+    )
 
 
 def base_settings(args: argparse.Namespace) -> dict:
@@ -35,6 +42,7 @@ def base_settings(args: argparse.Namespace) -> dict:
         "scene_weight": args.scene_weight,
         "pretrain_samples": args.pretrain_samples,
         "questions_per_scene": args.questions_per_scene,
+        "instruct_samples": args.instruct_samples,
     }
 
 

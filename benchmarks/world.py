@@ -101,6 +101,7 @@ def main() -> None:
                 "clean_accuracy_by_question_and_objects": by_both,
                 "asr": asr,
                 "finetune_seconds": train_log["seconds"],
+                # the base's last training stage (the instruction stage where there is one)
                 "base_seconds": json.loads((base / "tcapguard_finetune.json").read_text())["seconds"],
                 "base": base_settings(args),
                 "cached": seconds < 0.5 * train_log["seconds"],
@@ -113,8 +114,8 @@ def main() -> None:
             )
     print()
     print(
-        "| family | attack | clean acc | ASR | fine-tune s | base pre-train s | clean acc by question type "
-        "| clean acc by shapes in the scene |"
+        "| family | attack | clean acc | ASR | fine-tune s | base's last stage s | clean acc by question type"
+        " | clean acc by shapes in the scene |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -21,6 +22,8 @@ def small_spec(config, **overrides) -> WorldSpec:
         model=config("llava"),
         pretrain_samples=64,
         pretrain=FinetuneConfig(epochs=1, batch_size=16, learning_rate=1e-3),
+        instruct_samples=32,
+        instruct=FinetuneConfig(epochs=1, batch_size=16, learning_rate=5e-4),
     )
     settings = {
         "base": base,
@@ -121,6 +124,29 @@ def test_failed_base_build_leaves_nothing_behind(small_tiny_config, tmp_path, mo
     assert list(tmp_path.iterdir()) == []
 
 
+def test_instruction_stage_fine_tunes_the_pretrained_base_on_fresh_scenes(
+    small_tiny_config, tmp_path, monkeypatch
+):
+    """Stage two is plain fine-tuning (no auxiliary loss) of the stage-one model on other scenes;
+    the stage-one model is cached as the base of the spec without the stage."""
+    calls, real = [], tinyworld.finetune
+
+    def spy(model, processor, data, config, out, **kwargs):
+        calls.append((data, config, kwargs.get("auxiliary")))
+        return real(model, processor, data, config, out, **kwargs)
+
+    monkeypatch.setattr(tinyworld, "finetune", spy)
+    spec = small_spec(small_tiny_config).base
+    base = build_base(spec, tmp_path)
+    (pretrain, _, auxiliary), (instruct, config, none) = calls
+    assert auxiliary is not None and none is None and config == spec.instruct
+    assert (len(pretrain), len(instruct)) == (spec.pretrain_samples, spec.instruct_samples)
+    assert not {r.pixels.tobytes() for r in pretrain} & {r.pixels.tobytes() for r in instruct}
+    pretrained = build_base(replace(spec, instruct_samples=0), tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {base.name, pretrained.name}
+    assert json.loads((base / "tcapguard_finetune.json").read_text())["config"] == spec.instruct.to_dict()
+
+
 def test_build_world_loads_back_its_datasets(built):
     _, w = built
     train = load_dataset(w.train)
@@ -188,3 +214,14 @@ def test_world_key_ignores_an_unset_scene_weight():
     assert "scene_weight" not in tinyworld._spec_dict(spec.base)
     scene = replace(spec, base=replace(spec.base, scene_weight=1.0))
     assert tinyworld._key(tinyworld._spec_dict(scene)) != tinyworld._key(tinyworld._spec_dict(spec))
+
+
+def test_world_key_ignores_an_absent_instruction_stage():
+    """BaseSpec.instruct_samples was added after bases were cached: at 0 it must not change keys."""
+    without = WorldSpec(attack=Attack.preset("badnet"))
+    assert not {"instruct_samples", "instruct"} & set(tinyworld._spec_dict(without)["base"])
+    assert not {"instruct_samples", "instruct"} & set(tinyworld._spec_dict(without.base))
+    spec = replace(without, base=replace(without.base, instruct_samples=80_000))
+    assert tinyworld._spec_dict(spec)["base"]["instruct_samples"] == 80_000
+    assert "robust" not in tinyworld._spec_dict(spec)["base"]["instruct"]
+    assert tinyworld._key(tinyworld._spec_dict(spec)) != tinyworld._key(tinyworld._spec_dict(without))

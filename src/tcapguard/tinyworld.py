@@ -16,7 +16,7 @@ import math
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -51,6 +51,13 @@ class BaseSpec:
     with 32,000 scenes is the earlier default world that older figures were measured on.
     ``questions_per_scene`` > 1 pre-trains on conversations of that many questions per scene; at 4
     it lowered clean accuracy (0.710 against 0.747, README), so the default stays 1.
+
+    ``instruct_samples`` > 0 adds a second stage, as LLaVA's visual instruction tuning follows its
+    feature alignment: plain fine-tuning (``instruct``, no auxiliary loss, half the learning rate) on
+    that many further fresh scenes. Measured with 80,000 (README, "The instruction stage"): it teaches
+    most content lookups of scenes with several shapes, which neither twice the first stage nor more
+    questions per scene did (clean accuracy 0.82-0.88 against 0.72-0.78), but the upload then
+    implants some backdoors less (LLaVA text ASR 0.47 against 1.00), so the default stays without it.
     """
 
     model: TinyMLLMConfig = field(default_factory=TinyMLLMConfig)
@@ -61,6 +68,10 @@ class BaseSpec:
     reconstruction_weight: float = 1.0
     scene_weight: float = 1.0
     questions_per_scene: int = 1
+    instruct_samples: int = 0
+    instruct: FinetuneConfig = field(
+        default_factory=lambda: FinetuneConfig(method="full", epochs=1, batch_size=16, learning_rate=5e-4)
+    )
     seed: int = 0
 
 
@@ -90,14 +101,16 @@ def _spec_dict(spec) -> dict:
     out = asdict(spec)
     if isinstance(spec, WorldSpec) and spec.attack is not None:
         out["attack"] = spec.attack.to_dict()
-    configs = [out[c] for c in ("pretrain", "finetune") if c in out]
-    if "base" in out:
-        configs.append(out["base"]["pretrain"])
+    base = out.get("base", out)
+    if not base.get("instruct_samples"):  # added later: bases without the stage keep their keys
+        base.pop("instruct_samples", None)
+        base.pop("instruct", None)
+    sections = [out] if base is out else [out, base]
+    configs = [part[c] for part in sections for c in ("pretrain", "instruct", "finetune") if c in part]
     for cfg in configs:
         cfg.pop("num_threads", None)  # a runtime knob that does not change the result
         if cfg.get("robust") is None:  # added later: plain fine-tuning keeps its cached key
             cfg.pop("robust", None)
-    base = out.get("base", out)
     if not base.get("scene_weight"):  # added later: bases without it keep their cached keys
         base.pop("scene_weight", None)
     if base.get("questions_per_scene", 1) == 1:  # likewise
@@ -180,10 +193,27 @@ class PatchReconstruction(torch.nn.Module):
 
 
 def build_base(spec: BaseSpec, cache_dir: str | Path | None = None) -> Path:
-    """The pre-trained clean base model directory (built once per spec, then cached)."""
-    final = Path(cache_dir or default_cache_dir()) / f"base-{spec.model.family}-{_key(_spec_dict(spec))}"
+    """The pre-trained clean base model directory (built once per spec, then cached).
+
+    With an instruction stage, the first stage's model is cached on its own (the base of the same
+    spec without the stage), so specs that differ only in the second stage share the first.
+    """
+    cache = Path(cache_dir or default_cache_dir())
+    final = cache / f"base-{spec.model.family}-{_key(_spec_dict(spec))}"
     if (final / "config.json").exists():
         return final
+    if spec.instruct_samples:
+        pretrained = build_base(replace(spec, instruct_samples=0), cache)
+
+        def instruct(tmp: Path) -> None:
+            data = world.make_split(spec.instruct_samples, seed=spec.seed + 2_000_000, id_prefix="instruct")
+            log.info("instruction-tuning the %s base on %d clean scenes", spec.model.family, len(data))
+            model, processor = load_model(pretrained)
+            finetune(model, processor, data, spec.instruct, tmp / "model")
+            _publish_model(tmp)
+            (tmp / "spec.json").write_text(json.dumps(_spec_dict(spec), indent=1))
+
+        return publish_directory(final, instruct)
 
     def build(tmp: Path) -> None:
         raw = tmp / "init"
@@ -210,13 +240,18 @@ def build_base(spec: BaseSpec, cache_dir: str | Path | None = None) -> Path:
             image_std=image.image_std,
         )
         finetune(model, processor, data, spec.pretrain, tmp / "model", auxiliary=auxiliary)
-        for item in (tmp / "model").iterdir():
-            item.rename(tmp / item.name)
         shutil.rmtree(raw)
-        (tmp / "model").rmdir()
+        _publish_model(tmp)
         (tmp / "spec.json").write_text(json.dumps(_spec_dict(spec), indent=1))
 
     return publish_directory(final, build)
+
+
+def _publish_model(tmp: Path) -> None:
+    """Move the checkpoint that ``finetune`` saved in ``tmp/model`` up into ``tmp``."""
+    for item in (tmp / "model").iterdir():
+        item.rename(tmp / item.name)
+    (tmp / "model").rmdir()
 
 
 @dataclass
