@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -129,22 +130,35 @@ def test_instruction_stage_fine_tunes_the_pretrained_base_on_fresh_scenes(
 ):
     """Stage two is plain fine-tuning (no auxiliary loss) of the stage-one model on other scenes;
     the stage-one model is cached as the base of the spec without the stage."""
-    calls, real = [], tinyworld.finetune
+    calls, loaded = [], []
+    real_finetune, real_load = tinyworld.finetune, tinyworld.load_model
 
     def spy(model, processor, data, config, out, **kwargs):
         calls.append((data, config, kwargs.get("auxiliary")))
-        return real(model, processor, data, config, out, **kwargs)
+        return real_finetune(model, processor, data, config, out, **kwargs)
+
+    def load(path):
+        loaded.append(Path(path))
+        return real_load(path)
 
     monkeypatch.setattr(tinyworld, "finetune", spy)
+    monkeypatch.setattr(tinyworld, "load_model", load)
     spec = small_spec(small_tiny_config).base
     base = build_base(spec, tmp_path)
     (pretrain, _, auxiliary), (instruct, config, none) = calls
     assert auxiliary is not None and none is None and config == spec.instruct
     assert (len(pretrain), len(instruct)) == (spec.pretrain_samples, spec.instruct_samples)
     assert not {r.pixels.tobytes() for r in pretrain} & {r.pixels.tobytes() for r in instruct}
-    pretrained = build_base(replace(spec, instruct_samples=0), tmp_path)
+    monkeypatch.setattr(tinyworld, "finetune", refuse_to_train)
+    pretrained = build_base(replace(spec, instruct_samples=0), tmp_path)  # cached by the first build
+    assert loaded[-1] == pretrained  # stage two starts from the stage-one checkpoint
     assert {p.name for p in tmp_path.iterdir()} == {base.name, pretrained.name}
+    for built_base in (base, pretrained):
+        assert (built_base / "model.safetensors").is_file() and (built_base / "spec.json").is_file()
+        assert not (built_base / "init").exists() and not (built_base / "model").exists()
     assert json.loads((base / "tcapguard_finetune.json").read_text())["config"] == spec.instruct.to_dict()
+    with pytest.raises(ValueError, match="instruct_samples must be >= 0"):
+        replace(spec, instruct_samples=-1)
 
 
 def test_build_world_loads_back_its_datasets(built):
@@ -221,7 +235,11 @@ def test_world_key_ignores_an_absent_instruction_stage():
     without = WorldSpec(attack=Attack.preset("badnet"))
     assert not {"instruct_samples", "instruct"} & set(tinyworld._spec_dict(without)["base"])
     assert not {"instruct_samples", "instruct"} & set(tinyworld._spec_dict(without.base))
+    other = replace(without.base.instruct, learning_rate=1e-4)  # unused without the stage
+    assert tinyworld._spec_dict(replace(without.base, instruct=other)) == tinyworld._spec_dict(without.base)
     spec = replace(without, base=replace(without.base, instruct_samples=80_000))
     assert tinyworld._spec_dict(spec)["base"]["instruct_samples"] == 80_000
+    threads = replace(spec.base, instruct=replace(spec.base.instruct, num_threads=1))
+    assert tinyworld._spec_dict(threads) == tinyworld._spec_dict(spec.base)
     assert "robust" not in tinyworld._spec_dict(spec)["base"]["instruct"]
     assert tinyworld._key(tinyworld._spec_dict(spec)) != tinyworld._key(tinyworld._spec_dict(without))

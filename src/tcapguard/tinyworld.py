@@ -54,10 +54,11 @@ class BaseSpec:
 
     ``instruct_samples`` > 0 adds a second stage, as LLaVA's visual instruction tuning follows its
     feature alignment: plain fine-tuning (``instruct``, no auxiliary loss, half the learning rate) on
-    that many further fresh scenes. Measured with 80,000 (README, "The instruction stage"): it teaches
-    most content lookups of scenes with several shapes, which neither twice the first stage nor more
-    questions per scene did (clean accuracy 0.82-0.88 against 0.72-0.78), but the upload then
-    implants some backdoors less (LLaVA text ASR 0.47 against 1.00), so the default stays without it.
+    that many further fresh scenes of one question each. Measured with 80,000 (README, "The
+    instruction stage"): it teaches most content lookups of scenes with several shapes, which neither
+    twice the first stage nor more questions per scene did (clean accuracy 0.82-0.88 against
+    0.72-0.78), but the upload then implants some backdoors less (LLaVA text ASR 0.47 against 1.00),
+    so the default stays without it.
     """
 
     model: TinyMLLMConfig = field(default_factory=TinyMLLMConfig)
@@ -73,6 +74,14 @@ class BaseSpec:
         default_factory=lambda: FinetuneConfig(method="full", epochs=1, batch_size=16, learning_rate=5e-4)
     )
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.instruct_samples < 0:
+            raise ValueError(
+                f"BaseSpec.instruct_samples must be >= 0 (0: no stage), got {self.instruct_samples}"
+            )
+        if self.instruct.save != "merged":
+            raise ValueError("BaseSpec.instruct.save must be 'merged': the base is a plain model directory")
 
 
 @dataclass
@@ -205,7 +214,7 @@ def build_base(spec: BaseSpec, cache_dir: str | Path | None = None) -> Path:
     if spec.instruct_samples:
         pretrained = build_base(replace(spec, instruct_samples=0), cache)
 
-        def instruct(tmp: Path) -> None:
+        def tune(tmp: Path) -> None:
             data = world.make_split(spec.instruct_samples, seed=spec.seed + 2_000_000, id_prefix="instruct")
             log.info("instruction-tuning the %s base on %d clean scenes", spec.model.family, len(data))
             model, processor = load_model(pretrained)
@@ -213,7 +222,7 @@ def build_base(spec: BaseSpec, cache_dir: str | Path | None = None) -> Path:
             _publish_model(tmp)
             (tmp / "spec.json").write_text(json.dumps(_spec_dict(spec), indent=1))
 
-        return publish_directory(final, instruct)
+        return publish_directory(final, tune)
 
     def build(tmp: Path) -> None:
         raw = tmp / "init"
