@@ -46,6 +46,10 @@ FILTERS = {  # name -> (a fresh filter with its defaults, whether fit gets respo
     # the default before scale="auto": the linear share only (README, "The filter")
     "tcap+responses/linear": (lambda: TCAPFilter(scale="linear"), True),
 }
+# opt-in (--filters): candidate defaults under a held-out check (README, "Detection: measured")
+CANDIDATES = {
+    "tcap+responses/excl0.8": (lambda: TCAPFilter(min_response_exclusivity=0.8), True),
+}
 
 
 def world_profile(
@@ -108,7 +112,7 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[0.1])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--no-clean", action="store_true", help="skip the clean upload (rate 0)")
-    parser.add_argument("--filters", nargs="+", default=list(FILTERS), choices=list(FILTERS))
+    parser.add_argument("--filters", nargs="+", default=list(FILTERS), choices=[*FILTERS, *CANDIDATES])
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--n-train", type=int, default=WorldSpec.n_train, help="samples in the upload")
     add_base_options(parser)
@@ -141,7 +145,7 @@ def main() -> None:
         row.update(
             {
                 name: score(make(), profile, poisoned, texts if with_responses else None)
-                for name, (make, with_responses) in FILTERS.items()
+                for name, (make, with_responses) in {**FILTERS, **CANDIDATES}.items()
                 if name in args.filters
             }
         )
