@@ -50,6 +50,7 @@ FILTERS = {  # name -> (a fresh filter with its defaults, whether fit gets respo
 CANDIDATES = {
     "tcap+responses/excl0.8": (lambda: TCAPFilter(min_response_exclusivity=0.8), True),
 }
+ALL_FILTERS = {**FILTERS, **CANDIDATES}
 
 
 def world_profile(
@@ -112,7 +113,7 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[0.1])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--no-clean", action="store_true", help="skip the clean upload (rate 0)")
-    parser.add_argument("--filters", nargs="+", default=list(FILTERS), choices=[*FILTERS, *CANDIDATES])
+    parser.add_argument("--filters", nargs="+", default=list(FILTERS), choices=list(ALL_FILTERS))
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--n-train", type=int, default=WorldSpec.n_train, help="samples in the upload")
     add_base_options(parser)
@@ -145,7 +146,7 @@ def main() -> None:
         row.update(
             {
                 name: score(make(), profile, poisoned, texts if with_responses else None)
-                for name, (make, with_responses) in {**FILTERS, **CANDIDATES}.items()
+                for name, (make, with_responses) in ALL_FILTERS.items()
                 if name in args.filters
             }
         )
