@@ -8,8 +8,11 @@ responses (every answer that a minority gives) and ask the attention profile to 
 measures whether the profile can: for every answer given by 0.5-20% of an upload, the AUROC of every
 head-share column (all layers, heads and shares) for "gives this answer" vs the rest, and how many
 columns reach 0.99 / 0.95 / 0.90. A confirmation rule works only if poison groups reach counts that
-clean answer groups never do. Reads the worlds and profiles that ``benchmarks/detection.py`` caches
-(building any that are missing). Results go to ``benchmarks/results/answer_groups.json``.
+clean answer groups never do, or if a further test tells the clean ones that do apart: for every
+group that >= 3 columns separate at 0.99 (the filter's answer seeds, ``TCAPFilter.answer_seed_auc``)
+the row also holds the query test's figure (``query_separability``). Reads the worlds and profiles
+that ``benchmarks/detection.py`` caches (building any that are missing). Results go to
+``benchmarks/results/answer_groups.json``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from scipy.stats import rankdata
 
 from base_options import add_base_options, base_settings, base_spec
 from detection import world_profile
-from tcapguard.detection import _normalized_responses, _two_sided_auroc
+from tcapguard.detection import _normalized_responses, _two_sided_auroc, query_separability, query_words
 from tcapguard.tinyworld import default_cache_dir
 
 # the uploads measured in benchmarks/results/detection*.json: (attacks, seeds), plus a clean upload per seed
@@ -34,10 +37,13 @@ DEFAULT_CELLS = (
 )
 
 
-def answer_groups(profile, responses: list[str], poisoned: list[str], low: float, high: float) -> list[dict]:
+def answer_groups(
+    profile, responses: list[str], queries: list[str], poisoned: list[str], low: float, high: float
+) -> list[dict]:
     """One row per answer that a share in [low, high] of the upload gives."""
     n = len(responses)
     answers = _normalized_responses(responses, n)  # as the filter's response test reads them
+    words = query_words(queries)
     truth = np.isin(np.asarray(profile.ids), poisoned)
     ranks = rankdata(  # ties averaged (Mann-Whitney)
         np.asarray(profile.shares, dtype=np.float64).reshape(n, -1), axis=0
@@ -48,6 +54,7 @@ def answer_groups(profile, responses: list[str], poisoned: list[str], low: float
             continue
         group = answers == answer
         auc = _two_sided_auroc(ranks, group)
+        confirmed = int((auc >= 0.99).sum()) >= 3
         rows.append(
             {
                 "answer": str(answer),
@@ -56,6 +63,7 @@ def answer_groups(profile, responses: list[str], poisoned: list[str], low: float
                 "best_auroc": float(auc.max()),
                 **{f"columns_{int(t * 100)}": int((auc >= t).sum()) for t in (0.99, 0.95, 0.9)},
                 "n_columns": int(auc.size),
+                "query_auroc": query_separability(words, group) if confirmed and words is not None else None,
             }
         )
     return rows
@@ -85,7 +93,12 @@ def main() -> None:
                         base_spec(family, args), attack, args.rate, seed, cache
                     )
                     for row in answer_groups(
-                        profile, texts["responses"], poisoned, args.min_share, args.max_share
+                        profile,
+                        texts["responses"],
+                        texts["queries"],
+                        poisoned,
+                        args.min_share,
+                        args.max_share,
                     ):
                         rows.append({"family": family, "attack": attack or "clean", "seed": seed, **row})
     print(f"{'family':7s} {'answers':8s} {'groups':>6s} {'with >= 3 columns at 0.99':>26s}  answers")
@@ -93,7 +106,9 @@ def main() -> None:
         for poison in (True, False):
             these = [r for r in rows if r["family"] == family and (r["poisoned_share"] > 0.5) == poison]
             passing = [r for r in these if r["columns_99"] >= 3]
-            names = sorted({f"{r['answer']} ({r['attack']} s{r['seed']})" for r in passing})
+            names = sorted(
+                {f"{r['answer']} ({r['attack']} s{r['seed']}, query {r['query_auroc']:.2f})" for r in passing}
+            )
             print(
                 f"{family:7s} {'poison' if poison else 'clean':8s} {len(these):6d} {len(passing):26d}  "
                 + ", ".join(names)

@@ -8,7 +8,8 @@ Each cell is a tiny world (``tcapguard.tinyworld``: the clean base fine-tuned on
 upload, the TCAP protocol's first step), its attention profile and five filters: TCAP on the profile
 alone, TCAP given the upload's responses and queries (the pipeline's default: the flagged samples
 must share one response that the rest of the upload does not give, and their questions must not set
-them apart; all three shares of every head; the linear share, then its log-ratio), the same on the
+them apart; all three shares of every head; the linear share, then its log-ratio, then groups seeded
+by the answers), the same on the
 linear share only, the paper's reading of TCAP (top 4 heads of the last 2 layers, target = every
 mixture component but the largest) and BYE. No
 parameter is tuned per cell. Worlds and profiles are cached (``TCAPGUARD_CACHE``), so a second sweep
@@ -43,12 +44,16 @@ FILTERS = {  # name -> (a fresh filter with its defaults, whether fit gets respo
         False,
     ),
     "bye": (BYEFilter, False),
-    # the default before scale="auto": the linear share only (README, "The filter")
+    # the default on the linear share only (the default before scale="auto"; README, "The filter")
     "tcap+responses/linear": (lambda: TCAPFilter(scale="linear"), True),
 }
-# opt-in (--filters): candidate defaults under a held-out check (README, "Detection: measured")
+# opt-in (--filters): the default before answer seeds and the 0.8 exclusivity bar, for a held-out
+# comparison (README, "Detection: measured")
 CANDIDATES = {
-    "tcap+responses/excl0.8": (lambda: TCAPFilter(min_response_exclusivity=0.8), True),
+    "tcap+responses/heads-excl0.9": (
+        lambda: TCAPFilter(min_response_exclusivity=0.9, answer_seed_auc=None),
+        True,
+    ),
 }
 ALL_FILTERS = {**FILTERS, **CANDIDATES}
 

@@ -234,6 +234,26 @@ def test_responses_tell_a_backdoor_group_from_clean_structure():
     assert shared.labels_.sum() == 0 and "common outside them" in shared.decision_
 
 
+def test_a_target_partly_given_outside_the_group_passes_at_the_default_bar():
+    """The measured LLaVA BadNet 5% case: the group holds 84% of the target's givers (the rest is
+    poison the heads missed, or clean samples that happen to give it). The default bar (0.8)
+    accepts it; the earlier one (0.9) declined it."""
+    profile = make_profile(rate=0.1, seed=1)
+    n = len(profile.ids)
+    rng = np.random.default_rng(0)
+    clean = np.flatnonzero(~profile.poisoned)
+    outside = rng.choice(clean, size=round(profile.poisoned.sum() * 0.19), replace=False)
+    responses = np.array([f"answer {i % 7}" for i in range(n)], dtype=object)
+    responses[profile.poisoned] = responses[outside] = "backdoor attack"
+
+    accepted = TCAPFilter().fit(profile, responses=responses.tolist())
+    assert f1_score(profile.poisoned, accepted.labels_) >= 0.9
+    verdict = [c for c in accepted.candidates_ if c.get("accepted")]
+    assert len(verdict) == 1 and 0.8 <= verdict[0]["response_exclusivity"] < 0.9
+    declined = TCAPFilter(min_response_exclusivity=0.9).fit(profile, responses=responses.tolist())
+    assert declined.labels_.sum() == 0 and "common outside them" in declined.decision_
+
+
 def test_responses_must_match_the_profile():
     profile = make_profile(n_samples=100, rate=0.1, seed=0)
     with pytest.raises(ValueError, match="3 responses for a profile of 100"):
@@ -268,11 +288,15 @@ def saturated_head_profile(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
 @pytest.mark.parametrize("seed", [0, 1])
 def test_logit_scale_finds_poison_in_a_saturated_head(seed):
     shares, poisoned, responses = saturated_head_profile(seed)
-    linear = TCAPFilter(scale="linear").fit(shares, responses=responses)
+    linear = TCAPFilter(scale="linear", answer_seed_auc=None).fit(shares, responses=responses)
     logit = TCAPFilter(scale="logit").fit(shares, responses=responses)
     assert linear.labels_.sum() == 0  # min-max squeezes 1 - 1e-7 and 1 - 1e-4 into the same point
     assert f1_score(poisoned, logit.labels_) >= 0.95
     assert (0, 1) in [(layer, head) for layer, head, _ in logit.heads_]
+    # the columns' ranks still separate the poison: on the linear share, the answer seeds find it
+    seeded = TCAPFilter(scale="linear").fit(shares, responses=responses)
+    assert f1_score(poisoned, seeded.labels_) >= 0.95
+    assert [c["answer"] for c in seeded.candidates_ if c.get("accepted")] == ["backdoor attack"]
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -361,3 +385,54 @@ def test_queries_decline_a_group_that_is_one_question_type():
         TCAPFilter().fit(profile, responses=responses, queries=["a", "b", "c"])
     with pytest.raises(ValueError, match="max_query_auroc"):
         FilterConfig(max_query_auroc=0.2)
+
+
+def test_answers_seed_a_group_that_no_head_seeds():
+    """When no head's mixture seeds the backdoor group (here none may: min_separation=inf), the
+    answers do: the givers of "backdoor attack" are separated by the poisoned heads' columns, those
+    columns vote, and the verdict passes the same tests; a clean answer that one question type
+    gives is still declined, and clean answers that the attention does not separate are no group."""
+    profile = make_profile(rate=0.1, seed=1)
+    n = len(profile.ids)
+    rng = np.random.default_rng(1)
+    varied = np.array([f"answer {i % 7}" for i in range(n)], dtype=object)  # 14% each: minorities too
+    responses = np.where(profile.poisoned, "backdoor attack", varied).tolist()
+    others = rng.choice([k for k in sorted(PHRASINGS) if k != "count"], n)
+    drawn = phrased_queries(others, seed=1)
+
+    by_heads = TCAPFilter().fit(profile, responses=responses, queries=drawn)
+    assert f1_score(profile.poisoned, by_heads.labels_) >= 0.9
+    assert not any("answer" in c for c in by_heads.candidates_)  # answers seed only when heads fail
+
+    no_heads = TCAPFilter(min_separation=np.inf)
+    found = no_heads.fit(profile, responses=responses, queries=drawn)
+    assert f1_score(profile.poisoned, found.labels_) >= 0.9
+    accepted = [c for c in found.candidates_ if c.get("accepted")]
+    assert len(accepted) == 1 and accepted[0]["answer"] == "backdoor attack"
+    assert accepted[0]["support"] >= 3 and found.head_support_.min() >= 0.99
+
+    # a tenth of the poison answers otherwise: the votes still put it with the group (agreement
+    # 90%), but only the answer's givers are flagged
+    poisoned = np.flatnonzero(profile.poisoned)
+    partial = np.array(responses, dtype=object)
+    partial[poisoned[::10]] = "answer 0"
+    givers = partial == "backdoor attack"
+    mixed = no_heads.fit(profile, responses=partial.tolist(), queries=drawn)
+    verdict = next(c for c in mixed.candidates_ if c.get("accepted"))
+    assert verdict["n_flagged"] >= profile.poisoned.sum() * 0.95 and verdict["response_agreement"] < 0.95
+    np.testing.assert_array_equal(mixed.labels_.astype(bool), givers)
+
+    off = TCAPFilter(min_separation=np.inf, answer_seed_auc=None).fit(
+        profile, responses=responses, queries=drawn
+    )
+    assert off.labels_.sum() == 0 and "no head separates" in off.decision_
+
+    one_type = phrased_queries(np.where(profile.poisoned, "count", others), seed=1)
+    declined = no_heads.fit(profile, responses=responses, queries=one_type)
+    assert declined.labels_.sum() == 0 and "their questions set them apart" in declined.decision_
+    assert "answer 'backdoor attack'" in declined.decision_
+    clean_answers = [c for c in declined.candidates_ if c["answer"].startswith("answer ")]
+    assert len(clean_answers) == 7
+    assert all("column(s) separate its givers" in c["rejected"] for c in clean_answers)
+    with pytest.raises(ValueError, match="answer_seed_auc"):
+        FilterConfig(answer_seed_auc=0.3)

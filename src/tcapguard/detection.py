@@ -35,6 +35,10 @@ structure makes clean heads multimodal; a clean upload got two thirds of its sam
 - with the upload's queries as well (``fit(profile, responses, queries)``) a verdict whose questions
   set it apart from the rest of the upload is declined (``max_query_auroc``): poison is planted on
   samples drawn without regard to their question, while a clean answer group is one question type.
+- when no head seeds a backdoor group, the answers seed candidates instead (``answer_seed_auc``):
+  every answer that a minority gives, if ``min_heads`` columns separate its givers almost perfectly;
+  those columns vote and the verdict passes the same tests. A head's mixture can miss a group that
+  the columns separate (the poison a tight spike at one end of a multimodal clean range).
 The paper's own reading stays available (``split_rule="paper"``, ``head_selection="top"``).
 
 BYE (NeurIPS 2025): per layer a 2-component mixture of the vision-attention entropy; a layer is
@@ -50,7 +54,7 @@ import re
 import warnings
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -382,6 +386,11 @@ class TCAPFilter(_PoisonFilter):
             clean group asked in one fixed wording is not caught (its words are in every query of
             the group and are left out, as a trigger's are); groups of one sample pass; with
             ``head_selection="top"`` (the paper's reading) the responses and queries are ignored.
+        answer_seed_auc: with responses, when no head-seeded candidate passes: the AUROC at which a
+            column confirms the givers of one answer (a share of the upload within the poison
+            fraction bounds) as a candidate group; None: no answer seeds. Measured on the tiny
+            worlds: poison groups reach it in 3-21 columns, and the only clean groups that do
+            (counting answers such as "one") are one question type, which the query test declines.
         vote_threshold: responsibility above which a head votes poisoned (the paper's tau).
         prior_strength: Beta(a, b) prior on the poison prior in Dawid-Skene.
         max_uncertain: decline when more than this share of samples has a posterior in (0.1, 0.9).
@@ -407,9 +416,10 @@ class TCAPFilter(_PoisonFilter):
         min_heads: int = 3,
         max_footprint: float = 0.15,
         min_response_agreement: float = 0.8,
-        min_response_exclusivity: float = 0.9,
+        min_response_exclusivity: float = 0.8,
         max_query_auroc: float | None = 0.75,
         max_candidates: int = 32,
+        answer_seed_auc: float | None = 0.99,
         vote_threshold: float = 0.5,
         prior_strength: tuple[float, float] = (1.0, 4.0),
         max_uncertain: float = 0.05,
@@ -440,6 +450,7 @@ class TCAPFilter(_PoisonFilter):
         self.min_response_exclusivity = min_response_exclusivity
         self.max_query_auroc = max_query_auroc
         self.max_candidates = max_candidates
+        self.answer_seed_auc = answer_seed_auc
         self.vote_threshold = vote_threshold
         self.prior_strength = prior_strength
         self.max_uncertain = max_uncertain
@@ -487,6 +498,10 @@ class TCAPFilter(_PoisonFilter):
         if self.max_query_auroc is not None and not 0.5 <= self.max_query_auroc <= 1:
             raise ValueError(
                 f"TCAPFilter.max_query_auroc must be None or in [0.5, 1], got {self.max_query_auroc!r}"
+            )
+        if self.answer_seed_auc is not None and not 0.5 <= self.answer_seed_auc <= 1:
+            raise ValueError(
+                f"TCAPFilter.answer_seed_auc must be None or in [0.5, 1], got {self.answer_seed_auc!r}"
             )
         if self.min_heads < 1 or self.max_heads < 1 or self.max_candidates < 1:
             raise ValueError("TCAPFilter.min_heads, max_heads and max_candidates must be >= 1")
@@ -536,6 +551,10 @@ class TCAPFilter(_PoisonFilter):
             search = self._search(shares, first, picked, answers, words, scale, footprint)
             if search["ds"] is not None and search["decline"] is None:
                 break
+        else:
+            if answers is not None and self.answer_seed_auc is not None and self.head_selection == "support":
+                found = self._answer_seeds(search["values"], scale, footprint, answers, words)
+                search.update(zip(("sel", "votes", "ds", "decline"), found, strict=True))
         self.scale_ = scale
         values, gm, split, sep = search["values"], search["gm"], search["split"], search["sep"]
         sel, votes, ds, decline = search["sel"], search["votes"], search["ds"], search["decline"]
@@ -750,16 +769,11 @@ class TCAPFilter(_PoisonFilter):
         sep = split["separation"]
         cand = order[: self.max_candidates]
         cand = cand[sep[cand] >= self.min_separation]
-        sub, ranks = footprint
         resp = self._target_responsibility(gm, values, cand, split["target"])
         self.head_support_ = np.zeros(0)
         for j, i in enumerate(cand):
             group = resp[:, j] > self.vote_threshold
-            auc_all = _two_sided_auroc(ranks, group[sub])
-            if len(self.features_) == 3:  # the modelled columns: every share of the searched (last) layers
-                auc = auc_all[-c:]
-            else:
-                auc = auc_all.reshape(-1, 3)[-c:, FEATURES[self.features_[0]]]
+            auc, auc_all = self._group_aurocs(footprint, group, c)
             support = np.flatnonzero(auc >= self.min_support_auc)
             row: dict[str, Any] = {
                 "head": int(i),
@@ -791,33 +805,108 @@ class TCAPFilter(_PoisonFilter):
                 ],
                 axis=1,
             )
-            ds = self._aggregate(votes)
-            flags = _threshold(ds.posterior, self.threshold)
-            row["n_flagged"] = int(flags.sum())
-            reason = self._implausible(ds, answers, words, measured=row)
-            if reason:
-                row["rejected"] = reason
+            ds = self._verdict(votes, answers, words, row)
+            if "rejected" in row:
                 if answers is None:  # no independent test of a verdict: do not shop for one that passes
                     break
                 continue
-            row["accepted"] = True
             self.head_support_ = np.concatenate([[1.0], auc[others]])
             return sel, votes, ds, None
         empty = np.zeros(0, dtype=np.int64)
-        return empty, np.zeros((n, 0), dtype=bool), None, self._decline_reason(cand.size)
+        return empty, np.zeros((n, 0), dtype=bool), None, self._decline_reason()
 
-    def _decline_reason(self, n_candidates: int) -> str:
-        if n_candidates == 0:
+    def _answer_seeds(
+        self,
+        values: np.ndarray,
+        scale: str,
+        footprint: tuple[np.ndarray, np.ndarray],
+        answers: np.ndarray,
+        words: csr_matrix | None,
+    ) -> tuple[np.ndarray, np.ndarray, DawidSkeneResult | None, str | None]:
+        """Candidates seeded by the answers: the givers of each answer that a minority gives, if
+        ``min_heads`` columns separate them at AUROC >= ``answer_seed_auc``; those columns vote (one
+        Gaussian per class on ``values``, the last ``scale`` searched), most-confirmed answer first,
+        and the first verdict that passes ``_implausible`` wins. A backdoor maps its samples to one
+        answer, so its group is among these even where no head's mixture isolates it. The winner's
+        posterior is kept only for the answer's givers: a poisoned training sample gives the
+        target, so a sample that the votes put with the group while answering otherwise is clean."""
+        n, c = values.shape
+        names, counts = np.unique(answers.astype(str), return_counts=True)
+        minority = (counts >= max(2, self.min_poison_fraction * n)) & (counts <= self.max_poison_fraction * n)
+        rows = []
+        for answer in names[minority]:
+            group = answers == answer
+            auc = self._group_aurocs(footprint, group, c)[0]
+            support = np.flatnonzero(auc >= self.answer_seed_auc)
+            rows.append((support.size, answer, group, auc, support))
+        rows.sort(key=lambda r: -r[0])  # stable: equal support keeps the answers' sorted order
+        for n_support, answer, group, auc, support in rows:
+            row: dict[str, Any] = {
+                "answer": str(answer),
+                "n_target": int(group.sum()),
+                "support": n_support,
+                "scale": scale,
+            }
+            self.candidates_.append(row)
+            if n_support < self.min_heads:
+                row["rejected"] = (
+                    f"only {n_support} column(s) separate its givers at AUROC >= {self.answer_seed_auc} "
+                    f"(min_heads={self.min_heads})"
+                )
+                continue
+            sel = support[np.argsort(-auc[support], kind="stable")][: self.max_heads]
+            votes = _class_conditional_votes(values[:, sel], group, self.vote_threshold, self.reg_covar)
+            ds = self._verdict(votes, answers, words, row)
+            if "rejected" not in row:
+                self.head_support_ = auc[sel]
+                return (
+                    sel.astype(np.int64),
+                    votes,
+                    replace(ds, posterior=np.where(group, ds.posterior, 0.0)),
+                    None,
+                )
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, np.zeros((n, 0), dtype=bool), None, self._decline_reason()
+
+    def _group_aurocs(
+        self, footprint: tuple[np.ndarray, np.ndarray], group: np.ndarray, n_modelled: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(AUROC of ``group`` in each modelled column, in every head-share column of every layer),
+        read on the footprint subsample."""
+        sub, ranks = footprint
+        auc_all = _two_sided_auroc(ranks, group[sub])
+        if len(self.features_) == 3:  # the modelled columns: every share of the searched (last) layers
+            return auc_all[-n_modelled:], auc_all
+        return auc_all.reshape(-1, 3)[-n_modelled:, FEATURES[self.features_[0]]], auc_all
+
+    def _verdict(
+        self, votes: np.ndarray, answers: np.ndarray | None, words: csr_matrix | None, row: dict[str, Any]
+    ) -> DawidSkeneResult:
+        """Dawid-Skene on a candidate's votes; ``row`` gets its figures and "accepted" or "rejected"."""
+        ds = self._aggregate(votes)
+        row["n_flagged"] = int(_threshold(ds.posterior, self.threshold).sum())
+        reason = self._implausible(ds, answers, words, measured=row)
+        if reason:
+            row["rejected"] = reason
+        else:
+            row["accepted"] = True
+        return ds
+
+    def _decline_reason(self) -> str:
+        if not self.candidates_:
             return f"declined: no head separates a minority group (SS >= {self.min_separation})"
         tried = [c for c in self.candidates_ if "n_flagged" in c]  # reached a verdict
         example = (tried or self.candidates_)[0]
+        seed = f"head-column {example['head']}" if "head" in example else f"answer {example['answer']!r}"
         # one count per test: the reason up to its figures in brackets, its numbers as "#"
         tally = Counter(re.sub(r"\d[\d.]*%?", "#", c["rejected"].split(" (")[0]) for c in self.candidates_)
+        seeds = f"heads with SS >= {self.min_separation}"
+        if any("answer" in c for c in self.candidates_):
+            seeds += f", answers that columns separate at AUROC >= {self.answer_seed_auc}"
         return (
-            f"declined: none of {len(self.candidates_)} candidate group(s) (heads with SS >= "
-            f"{self.min_separation}) looks like a backdoor ({len(tried)} reached a verdict; each reason "
-            f"is in candidates_); e.g. the group of head-column {example['head']} "
-            f"({example['n_target']} samples): {example['rejected']}. Reasons: "
+            f"declined: none of {len(self.candidates_)} candidate group(s) ({seeds}) looks like a "
+            f"backdoor ({len(tried)} reached a verdict; each reason is in candidates_); e.g. the group "
+            f"of {seed} ({example['n_target']} samples): {example['rejected']}. Reasons: "
             + "; ".join(f"{count} x {reason}" for reason, count in tally.most_common())
         )
 
@@ -946,8 +1035,9 @@ class FilterConfig(StepConfig):
     min_heads: int = 3
     max_footprint: float = 0.15
     min_response_agreement: float = 0.8
-    min_response_exclusivity: float = 0.9
+    min_response_exclusivity: float = 0.8
     max_query_auroc: float | None = 0.75
+    answer_seed_auc: float | None = 0.99
     use_responses: bool = True  # pass the upload's responses and queries to fit: README, The filter
     vote_threshold: float = 0.5
     prior_strength: tuple[float, float] = (1.0, 4.0)
