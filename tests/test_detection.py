@@ -294,7 +294,8 @@ def test_logit_scale_finds_poison_in_a_saturated_head(seed):
     assert f1_score(poisoned, logit.labels_) >= 0.95
     assert (0, 1) in [(layer, head) for layer, head, _ in logit.heads_]
     # the columns' ranks still separate the poison: on the linear share, the answer seeds find it
-    seeded = TCAPFilter(scale="linear").fit(shares, responses=responses)
+    queries = phrased_queries(np.random.default_rng(seed).choice(sorted(PHRASINGS), len(poisoned)), seed)
+    seeded = TCAPFilter(scale="linear").fit(shares, responses=responses, queries=queries)
     assert f1_score(poisoned, seeded.labels_) >= 0.95
     assert [c["answer"] for c in seeded.candidates_ if c.get("accepted")] == ["backdoor attack"]
 
@@ -426,6 +427,9 @@ def test_answers_seed_a_group_that_no_head_seeds():
         profile, responses=responses, queries=drawn
     )
     assert off.labels_.sum() == 0 and "no head separates" in off.decision_
+    # without the queries nothing could decline a clean answer group of one question type: no seeds
+    unchecked = no_heads.fit(profile, responses=responses)
+    assert unchecked.labels_.sum() == 0 and not unchecked.candidates_
 
     one_type = phrased_queries(np.where(profile.poisoned, "count", others), seed=1)
     declined = no_heads.fit(profile, responses=responses, queries=one_type)

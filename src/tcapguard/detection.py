@@ -386,11 +386,13 @@ class TCAPFilter(_PoisonFilter):
             clean group asked in one fixed wording is not caught (its words are in every query of
             the group and are left out, as a trigger's are); groups of one sample pass; with
             ``head_selection="top"`` (the paper's reading) the responses and queries are ignored.
-        answer_seed_auc: with responses, when no head-seeded candidate passes: the AUROC at which a
-            column confirms the givers of one answer (a share of the upload within the poison
-            fraction bounds) as a candidate group; None: no answer seeds. Measured on the tiny
-            worlds: poison groups reach it in 3-21 columns, and the only clean groups that do
-            (counting answers such as "one") are one question type, which the query test declines.
+        answer_seed_auc: with responses and queries, when no head-seeded candidate passes: the AUROC
+            at which a column confirms the givers of one answer (a share of the upload within the
+            poison fraction bounds) as a candidate group; None: no answer seeds. Measured on the
+            tiny worlds (``benchmarks/answer_groups.py``): poison groups reach it in 3-12 columns,
+            and the only clean groups that do (counting answers such as "one", in 3-8) are one
+            question type, which the query test declines; without the queries (or with
+            ``max_query_auroc=None``) there are no answer seeds.
         vote_threshold: responsibility above which a head votes poisoned (the paper's tau).
         prior_strength: Beta(a, b) prior on the poison prior in Dawid-Skene.
         max_uncertain: decline when more than this share of samples has a posterior in (0.1, 0.9).
@@ -551,8 +553,8 @@ class TCAPFilter(_PoisonFilter):
             search = self._search(shares, first, picked, answers, words, scale, footprint)
             if search["ds"] is not None and search["decline"] is None:
                 break
-        else:
-            if answers is not None and self.answer_seed_auc is not None and self.head_selection == "support":
+        else:  # the query test is what declines a clean answer group, so answer seeds need the queries
+            if words is not None and self.answer_seed_auc is not None:
                 found = self._answer_seeds(search["values"], scale, footprint, answers, words)
                 search.update(zip(("sel", "votes", "ds", "decline"), found, strict=True))
         self.scale_ = scale
@@ -821,7 +823,7 @@ class TCAPFilter(_PoisonFilter):
         scale: str,
         footprint: tuple[np.ndarray, np.ndarray],
         answers: np.ndarray,
-        words: csr_matrix | None,
+        words: csr_matrix,
     ) -> tuple[np.ndarray, np.ndarray, DawidSkeneResult | None, str | None]:
         """Candidates seeded by the answers: the givers of each answer that a minority gives, if
         ``min_heads`` columns separate them at AUROC >= ``answer_seed_auc``; those columns vote (one
@@ -829,10 +831,12 @@ class TCAPFilter(_PoisonFilter):
         and the first verdict that passes ``_implausible`` wins. A backdoor maps its samples to one
         answer, so its group is among these even where no head's mixture isolates it. The winner's
         posterior is kept only for the answer's givers: a poisoned training sample gives the
-        target, so a sample that the votes put with the group while answering otherwise is clean."""
+        target, so a sample that the votes put with the group while answering otherwise is clean.
+        A candidate's row reports the votes' verdict (``n_flagged``, agreement), before that cut."""
         n, c = values.shape
         names, counts = np.unique(answers.astype(str), return_counts=True)
         minority = (counts >= max(2, self.min_poison_fraction * n)) & (counts <= self.max_poison_fraction * n)
+        minority &= names != ""  # an empty response is no target
         rows = []
         for answer in names[minority]:
             group = answers == answer
@@ -854,7 +858,8 @@ class TCAPFilter(_PoisonFilter):
                     f"(min_heads={self.min_heads})"
                 )
                 continue
-            sel = support[np.argsort(-auc[support], kind="stable")][: self.max_heads]
+            voters = self.max_heads if self.n_heads == "auto" else self.n_heads
+            sel = support[np.argsort(-auc[support], kind="stable")][:voters]
             votes = _class_conditional_votes(values[:, sel], group, self.vote_threshold, self.reg_covar)
             ds = self._verdict(votes, answers, words, row)
             if "rejected" not in row:
