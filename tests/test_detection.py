@@ -430,6 +430,8 @@ def test_answers_seed_a_group_that_no_head_seeds():
     # without the queries nothing could decline a clean answer group of one question type: no seeds
     unchecked = no_heads.fit(profile, responses=responses)
     assert unchecked.labels_.sum() == 0 and not unchecked.candidates_
+    unanswered = no_heads.fit(profile, queries=drawn)  # nothing to seed from
+    assert unanswered.labels_.sum() == 0 and not unanswered.candidates_
 
     one_type = phrased_queries(np.where(profile.poisoned, "count", others), seed=1)
     declined = no_heads.fit(profile, responses=responses, queries=one_type)

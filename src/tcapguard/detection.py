@@ -554,7 +554,7 @@ class TCAPFilter(_PoisonFilter):
             if search["ds"] is not None and search["decline"] is None:
                 break
         else:  # the query test is what declines a clean answer group, so answer seeds need the queries
-            if words is not None and self.answer_seed_auc is not None:
+            if answers is not None and words is not None and self.answer_seed_auc is not None:
                 found = self._answer_seeds(search["values"], scale, footprint, answers, words)
                 search.update(zip(("sel", "votes", "ds", "decline"), found, strict=True))
         self.scale_ = scale
