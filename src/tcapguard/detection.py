@@ -637,7 +637,7 @@ class TCAPFilter(_PoisonFilter):
         decline = None
         ds: DawidSkeneResult | None = None
         if self.head_selection == "top":
-            sel = order[: self.max_heads if self.n_heads == "auto" else self.n_heads]
+            sel = order[: self._max_voters()]
             sel = sel[sep[sel] > 0]
             if self.n_heads == "auto" and sel.size > 1:
                 logs = np.log(sep[sel])
@@ -667,6 +667,10 @@ class TCAPFilter(_PoisonFilter):
             "ds": ds,
             "decline": decline,
         }
+
+    def _max_voters(self) -> int:
+        """How many columns may vote: ``n_heads``, or ``max_heads`` when it is "auto"."""
+        return self.max_heads if self.n_heads == "auto" else self.n_heads
 
     def _aggregate(self, votes: np.ndarray) -> DawidSkeneResult:
         with warnings.catch_warnings():
@@ -798,7 +802,7 @@ class TCAPFilter(_PoisonFilter):
                 continue
             others = support[support != i]
             others = others[np.argsort(-auc[others], kind="stable")]
-            others = others[: (self.max_heads if self.n_heads == "auto" else self.n_heads) - 1]
+            others = others[: self._max_voters() - 1]
             sel = np.concatenate([[i], others]).astype(np.int64)
             votes = np.concatenate(
                 [
@@ -858,8 +862,7 @@ class TCAPFilter(_PoisonFilter):
                     f"(min_heads={self.min_heads})"
                 )
                 continue
-            voters = self.max_heads if self.n_heads == "auto" else self.n_heads
-            sel = support[np.argsort(-auc[support], kind="stable")][:voters]
+            sel = support[np.argsort(-auc[support], kind="stable")][: self._max_voters()]
             votes = _class_conditional_votes(values[:, sel], group, self.vote_threshold, self.reg_covar)
             ds = self._verdict(votes, answers, words, row)
             if "rejected" not in row:
