@@ -47,13 +47,15 @@ FILTERS = {  # name -> (a fresh filter with its defaults, whether fit gets respo
     # the default on the linear share only (the default before scale="auto"; README, "The filter")
     "tcap+responses/linear": (lambda: TCAPFilter(scale="linear"), True),
 }
-# opt-in (--filters): the default before answer seeds and the 0.8 exclusivity bar, for a held-out
-# comparison (README, "Detection: measured")
+# opt-in (--filters), for held-out comparisons (README, "Detection: measured"): the default before
+# answer seeds and the 0.8 exclusivity bar; the default with the votes' posterior as it is (before
+# restrict_to_target)
 CANDIDATES = {
     "tcap+responses/heads-excl0.9": (
         lambda: TCAPFilter(min_response_exclusivity=0.9, answer_seed_auc=None),
         True,
     ),
+    "tcap+responses/as-voted": (lambda: TCAPFilter(restrict_to_target=False), True),
 }
 ALL_FILTERS = {**FILTERS, **CANDIDATES}
 

@@ -225,7 +225,7 @@ def test_responses_tell_a_backdoor_group_from_clean_structure():
     assert accepted[0]["response_exclusivity"] >= 0.9
 
     without = TCAPFilter().fit(profile, responses=varied.tolist())
-    assert without.labels_.sum() == 0 and without.declined_
+    assert without.labels_.sum() == 0 and without.declined_ and without.target_response_ is None
     assert "do not agree on one response" in without.decision_
 
     outside = ~profile.poisoned & (np.arange(n) % 3 == 0)  # as many "two"s again outside the group
@@ -250,6 +250,10 @@ def test_a_target_partly_given_outside_the_group_passes_at_the_default_bar():
     assert f1_score(profile.poisoned, accepted.labels_) >= 0.9
     verdict = [c for c in accepted.candidates_ if c.get("accepted")]
     assert len(verdict) == 1 and 0.8 <= verdict[0]["response_exclusivity"] < 0.9
+    # the clean samples that give the target have clean votes: restricted to the target's givers,
+    # the posterior still leaves them out
+    assert accepted.target_response_ == "backdoor attack"
+    assert not accepted.labels_[outside].any()
     declined = TCAPFilter(min_response_exclusivity=0.9).fit(profile, responses=responses.tolist())
     assert declined.labels_.sum() == 0 and "common outside them" in declined.decision_
 
@@ -422,6 +426,9 @@ def test_answers_seed_a_group_that_no_head_seeds():
     verdict = next(c for c in mixed.candidates_ if c.get("accepted"))
     assert verdict["n_flagged"] >= profile.poisoned.sum() * 0.95 and verdict["response_agreement"] < 0.95
     np.testing.assert_array_equal(mixed.labels_.astype(bool), givers)
+    as_voted = TCAPFilter(min_separation=np.inf, restrict_to_target=False)
+    as_voted.fit(profile, responses=partial.tolist(), queries=drawn)
+    assert as_voted.n_flagged_ == verdict["n_flagged"] and as_voted.target_response_ == "backdoor attack"
 
     off = TCAPFilter(min_separation=np.inf, answer_seed_auc=None).fit(
         profile, responses=responses, queries=drawn

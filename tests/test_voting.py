@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from tcapguard.voting import dawid_skene
+from tcapguard.voting import dawid_skene, restrict_positives
 
 
 def test_recovers_known_sensitivity_and_specificity():
@@ -38,3 +38,29 @@ def test_bad_votes_are_rejected():
         dawid_skene(np.array([[0, 2], [1, 0]]))
     with pytest.raises(ValueError, match="shape"):
         dawid_skene(np.array([0, 1, 1]))
+
+
+def test_restricting_the_positives_reweighs_ambiguous_votes_only():
+    """Four heads, a tenth poisoned. Among the eligible samples (the poison and a few clean ones)
+    the prior is high, so a poisoned sample that only two heads caught turns positive; a clean
+    eligible sample with no vote stays negative; outside, all four votes count for nothing."""
+    rng = np.random.default_rng(2)
+    n = 4000
+    truth = np.zeros(n, dtype=bool)
+    truth[:400] = True
+    votes = np.where(truth[:, None], rng.random((n, 4)) < 0.8, rng.random((n, 4)) < 0.1)
+    votes[:20] = [1, 1, 0, 0]  # poison that half the heads miss
+    votes[400:410] = 0  # clean, but giving the target
+    votes[410:415] = 1  # clean, all heads wrong, answering otherwise
+    eligible = np.zeros(n, dtype=bool)
+    eligible[:410] = True
+    res = dawid_skene(votes)
+    assert (res.posterior[:20] < 0.5).all() and (res.posterior[410:415] > 0.5).all()
+
+    restricted = restrict_positives(res, votes, eligible)
+    assert (restricted.posterior[:20] > 0.5).all()
+    assert (restricted.posterior[400:410] < 0.5).all()
+    assert (restricted.posterior[~eligible] == 0).all()
+    assert restricted.prior == pytest.approx(restricted.posterior.mean())
+    np.testing.assert_array_equal(restricted.sensitivity, res.sensitivity)
+    assert not restrict_positives(res, votes, np.zeros(n, dtype=bool)).posterior.any()

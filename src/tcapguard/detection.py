@@ -39,6 +39,10 @@ structure makes clean heads multimodal; a clean upload got two thirds of its sam
   every answer that a minority gives, if ``min_heads`` columns separate its givers almost perfectly;
   those columns vote and the verdict passes the same tests. A head's mixture can miss a group that
   the columns separate (the poison a tight spike at one end of a multimodal clean range).
+- once a verdict passes with the responses, only the samples that give its target response can be
+  poisoned (``restrict_to_target``): a poisoned training sample always gives the attacker's target,
+  so among the target's givers poison is the majority and the prior is re-estimated there, and no
+  vote makes a sample that answers otherwise poisoned.
 The paper's own reading stays available (``split_rule="paper"``, ``head_selection="top"``).
 
 BYE (NeurIPS 2025): per layer a 2-component mixture of the vision-attention entropy; a layer is
@@ -54,14 +58,14 @@ import re
 import warnings
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from tcapguard.config import StepConfig
 from tcapguard.mixtures import GaussianMixture1D
-from tcapguard.voting import DawidSkeneResult, dawid_skene
+from tcapguard.voting import DawidSkeneResult, dawid_skene, restrict_positives
 
 if TYPE_CHECKING:
     from scipy.sparse import csr_matrix
@@ -158,13 +162,18 @@ def _normalized_responses(responses: Sequence[str] | None, n: int) -> np.ndarray
     return np.array([" ".join(str(r).lower().split()).strip(" .!?,;:") for r in responses], dtype=object)
 
 
+def _commonest(answers: np.ndarray) -> str:
+    """The commonest of ``answers`` (ties: the first in sorted order)."""
+    values, counts = np.unique(answers.astype(str), return_counts=True)
+    return str(values[counts.argmax()])
+
+
 def _response_signature(answers: np.ndarray, flags: np.ndarray) -> tuple[float, float]:
     """(agreement, exclusivity) of the flagged samples' commonest response: the share of flagged
     samples that give it, and the share of all samples giving it that are flagged."""
-    values, counts = np.unique(answers[flags].astype(str), return_counts=True)
-    top = values[counts.argmax()]
-    everywhere = int((answers.astype(str) == top).sum())
-    return float(counts.max() / flags.sum()), float(counts.max() / everywhere)
+    givers = answers.astype(str) == _commonest(answers[flags])
+    n_flagged_givers = int((givers & flags).sum())
+    return n_flagged_givers / int(flags.sum()), n_flagged_givers / int(givers.sum())
 
 
 TRIGGER_WORD_SHARE = 0.8  # query_separability leaves out words in at least this share of the group
@@ -393,6 +402,13 @@ class TCAPFilter(_PoisonFilter):
             and the only clean groups that do (counting answers such as "one", in 3-8) are one
             question type, which the query test declines; without the queries (or with
             ``max_query_auroc=None``) there are no answer seeds.
+        restrict_to_target: with responses, once a verdict passes: its target response
+            (``target_response_``, the flagged samples' commonest) decides who may be poisoned.
+            ``restrict_positives`` keeps the voting heads' reliabilities, re-estimates the poison
+            prior among the target's givers alone and sets everyone else's posterior to 0; a giver
+            whose votes are ambiguous then tips to poisoned, while one whose votes say clean (a
+            clean sample that happens to give the target) stays clean. False: the votes'
+            posterior as it is.
         vote_threshold: responsibility above which a head votes poisoned (the paper's tau).
         prior_strength: Beta(a, b) prior on the poison prior in Dawid-Skene.
         max_uncertain: decline when more than this share of samples has a posterior in (0.1, 0.9).
@@ -422,6 +438,7 @@ class TCAPFilter(_PoisonFilter):
         max_query_auroc: float | None = 0.75,
         max_candidates: int = 32,
         answer_seed_auc: float | None = 0.99,
+        restrict_to_target: bool = True,
         vote_threshold: float = 0.5,
         prior_strength: tuple[float, float] = (1.0, 4.0),
         max_uncertain: float = 0.05,
@@ -453,6 +470,7 @@ class TCAPFilter(_PoisonFilter):
         self.max_query_auroc = max_query_auroc
         self.max_candidates = max_candidates
         self.answer_seed_auc = answer_seed_auc
+        self.restrict_to_target = restrict_to_target
         self.vote_threshold = vote_threshold
         self.prior_strength = prior_strength
         self.max_uncertain = max_uncertain
@@ -557,6 +575,12 @@ class TCAPFilter(_PoisonFilter):
             if answers is not None and words is not None and self.answer_seed_auc is not None:
                 found = self._answer_seeds(search["values"], scale, footprint, answers, words)
                 search.update(zip(("sel", "votes", "ds", "decline"), found, strict=True))
+        self.target_response_ = None
+        if answers is not None and search["ds"] is not None and search["decline"] is None:
+            self.target_response_ = _commonest(answers[_threshold(search["ds"].posterior, self.threshold)])
+            if self.restrict_to_target:
+                eligible = answers == self.target_response_
+                search["ds"] = restrict_positives(search["ds"], search["votes"], eligible)
         self.scale_ = scale
         values, gm, split, sep = search["values"], search["gm"], search["split"], search["sep"]
         sel, votes, ds, decline = search["sel"], search["votes"], search["ds"], search["decline"]
@@ -594,7 +618,8 @@ class TCAPFilter(_PoisonFilter):
             ds.posterior,
             decline=decline,
             decision=f"{int(_threshold(ds.posterior, self.threshold).sum())} of {n} samples flagged by "
-            f"{sel.size} head(s); poison prior {ds.prior:.2%}",
+            f"{sel.size} head(s); poison prior {ds.prior:.2%}"
+            + (f"; target response {self.target_response_!r}" if self.target_response_ is not None else ""),
         )
         return self
 
@@ -833,10 +858,7 @@ class TCAPFilter(_PoisonFilter):
         ``min_heads`` columns separate them at AUROC >= ``answer_seed_auc``; those columns vote (one
         Gaussian per class on ``values``, the last ``scale`` searched), most-confirmed answer first,
         and the first verdict that passes ``_implausible`` wins. A backdoor maps its samples to one
-        answer, so its group is among these even where no head's mixture isolates it. The winner's
-        posterior is kept only for the answer's givers: a poisoned training sample gives the
-        target, so a sample that the votes put with the group while answering otherwise is clean.
-        A candidate's row reports the votes' verdict (``n_flagged``, agreement), before that cut."""
+        answer, so its group is among these even where no head's mixture isolates it."""
         n, c = values.shape
         names, counts = np.unique(answers.astype(str), return_counts=True)
         minority = (counts >= max(2, self.min_poison_fraction * n)) & (counts <= self.max_poison_fraction * n)
@@ -867,12 +889,7 @@ class TCAPFilter(_PoisonFilter):
             ds = self._verdict(votes, answers, words, row)
             if "rejected" not in row:
                 self.head_support_ = auc[sel]
-                return (
-                    sel.astype(np.int64),
-                    votes,
-                    replace(ds, posterior=np.where(group, ds.posterior, 0.0)),
-                    None,
-                )
+                return sel.astype(np.int64), votes, ds, None
         empty = np.zeros(0, dtype=np.int64)
         return empty, np.zeros((n, 0), dtype=bool), None, self._decline_reason()
 
@@ -1046,6 +1063,7 @@ class FilterConfig(StepConfig):
     min_response_exclusivity: float = 0.8
     max_query_auroc: float | None = 0.75
     answer_seed_auc: float | None = 0.99
+    restrict_to_target: bool = True
     use_responses: bool = True  # pass the upload's responses and queries to fit: README, The filter
     vote_threshold: float = 0.5
     prior_strength: tuple[float, float] = (1.0, 4.0)

@@ -131,6 +131,7 @@ def report(filt: TCAPFilter | BYEFilter) -> dict:
             for j, (lay, h, ss) in enumerate(filt.heads_)
         ]
         out["poison_prior"] = filt.poison_prior_
+        out["target_response"] = filt.target_response_
         out["uncertain_fraction"] = filt.uncertain_fraction_
         out["candidates"] = filt.candidates_
         out["n_unconverged_mixtures"] = filt.n_unconverged_

@@ -13,9 +13,10 @@ pseudo-counts on each head's rates so a head that never votes does not get a rat
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+from scipy.special import expit
 
 
 @dataclass
@@ -86,3 +87,40 @@ def dawid_skene(
     if (sens + spec).mean() < 1:
         t, prior, sens, spec = 1 - t, 1 - prior, 1 - spec, 1 - sens
     return DawidSkeneResult(t, float(prior), sens, spec, n_iter, converged, ll)
+
+
+def restrict_positives(
+    result: DawidSkeneResult,
+    votes: np.ndarray,
+    eligible: np.ndarray,
+    *,
+    max_iter: int = 200,
+    tol: float = 1e-9,
+) -> DawidSkeneResult:
+    """``result`` when only the ``eligible`` samples can be positive (poisoned).
+
+    The annotators' fitted sensitivity and specificity are kept; the positive class's prior is
+    re-estimated among the eligible samples alone (EM on one mixing weight, add-one smoothed) and
+    every other sample's posterior is 0. For a backdoor whose target response is known, the
+    eligible samples are the ones giving it: a poisoned training sample always does, so within
+    that group poison is the majority and an ambiguous vote tips to poisoned, while outside it no
+    vote can make a sample poisoned.
+    """
+    v = np.asarray(votes, dtype=np.float64)
+    member = np.asarray(eligible, dtype=bool)
+    sens, spec = result.sensitivity, result.specificity
+    llr = v[member] @ (np.log(sens) - np.log1p(-spec)) + (1 - v[member]) @ (np.log1p(-sens) - np.log(spec))
+    posterior = np.zeros(v.shape[0])
+    m = int(member.sum())
+    if m == 0:
+        return replace(result, posterior=posterior, prior=0.0)
+    post = result.posterior[member]
+    for _ in range(max_iter):
+        prior = (post.sum() + 1) / (m + 2)
+        new = expit(llr + np.log(prior) - np.log1p(-prior))
+        done = np.abs(new - post).max() < tol
+        post = new
+        if done:
+            break
+    posterior[member] = post
+    return replace(result, posterior=posterior, prior=float(posterior.mean()))
