@@ -48,11 +48,11 @@ FILTERS = {  # name -> (a fresh filter with its defaults, whether fit gets respo
     "tcap+responses/linear": (lambda: TCAPFilter(scale="linear"), True),
 }
 # opt-in (--filters), for held-out comparisons (README, "Detection: measured"): the default before
-# answer seeds and the 0.8 exclusivity bar; the default with the votes' posterior as it is (before
-# restrict_to_target)
+# answer seeds, the 0.8 exclusivity bar and restrict_to_target; the default with the votes'
+# posterior as it is (before restrict_to_target)
 CANDIDATES = {
     "tcap+responses/heads-excl0.9": (
-        lambda: TCAPFilter(min_response_exclusivity=0.9, answer_seed_auc=None),
+        lambda: TCAPFilter(min_response_exclusivity=0.9, answer_seed_auc=None, restrict_to_target=False),
         True,
     ),
     "tcap+responses/as-voted": (lambda: TCAPFilter(restrict_to_target=False), True),
