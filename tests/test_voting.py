@@ -64,3 +64,5 @@ def test_restricting_the_positives_reweighs_ambiguous_votes_only():
     assert restricted.prior == pytest.approx(restricted.posterior.mean())
     np.testing.assert_array_equal(restricted.sensitivity, res.sensitivity)
     assert not restrict_positives(res, votes, np.zeros(n, dtype=bool)).posterior.any()
+    with pytest.raises(ValueError, match="must match"):
+        restrict_positives(res, votes, eligible[:-1])

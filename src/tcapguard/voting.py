@@ -108,6 +108,11 @@ def restrict_positives(
     """
     v = np.asarray(votes, dtype=np.float64)
     member = np.asarray(eligible, dtype=bool)
+    if v.shape != (result.posterior.size, result.sensitivity.size) or member.shape != (v.shape[0],):
+        raise ValueError(
+            f"votes {v.shape} and eligible {member.shape} must match the result's "
+            f"{result.posterior.size} samples x {result.sensitivity.size} annotators"
+        )
     sens, spec = result.sensitivity, result.specificity
     llr = v[member] @ (np.log(sens) - np.log1p(-spec)) + (1 - v[member]) @ (np.log1p(-sens) - np.log(spec))
     posterior = np.zeros(v.shape[0])
