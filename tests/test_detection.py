@@ -77,6 +77,14 @@ def test_paper_rule_is_available_and_flags_template_structure():
     assert len(f.heads_) == 4
     assert all(lay >= 6 for lay, _, _ in f.heads_)
     assert f.scores_.shape == (2000,)
+    # it ignores the responses: no target response, nothing restricted to one
+    poisoned = make_profile(rate=0.1, seed=1)
+    responses = np.where(poisoned.poisoned, "backdoor attack", "answer").tolist()
+    paper = dict(n_heads=4, n_layers=2, split_rule="paper", head_selection="top")
+    read = TCAPFilter(**paper).fit(poisoned, responses=responses)
+    assert read.target_response_ is None
+    unrestricted = TCAPFilter(**paper, restrict_to_target=False).fit(poisoned, responses=responses)
+    np.testing.assert_array_equal(read.scores_, unrestricted.scores_)
 
 
 def test_one_thresholding_step(fitted):

@@ -546,9 +546,8 @@ class TCAPFilter(_PoisonFilter):
         self.ids_, shares = _check_shares(X)
         answers = _normalized_responses(responses, shares.shape[0])
         _check_count(queries, shares.shape[0], "queries")
-        test_queries = (
-            queries is not None and self.max_query_auroc is not None and self.head_selection == "support"
-        )
+        reads_texts = self.head_selection == "support"  # the paper's reading ("top") ignores the texts
+        test_queries = queries is not None and self.max_query_auroc is not None and reads_texts
         words = query_words(queries) if test_queries else None
         n, n_layers, n_heads, _ = shares.shape
         self._check_params(n_layers)
@@ -576,7 +575,7 @@ class TCAPFilter(_PoisonFilter):
                 found = self._answer_seeds(search["values"], scale, footprint, answers, words)
                 search.update(zip(("sel", "votes", "ds", "decline"), found, strict=True))
         self.target_response_ = None
-        if answers is not None and search["ds"] is not None and search["decline"] is None:
+        if reads_texts and answers is not None and search["ds"] is not None and search["decline"] is None:
             self.target_response_ = _commonest(answers[_threshold(search["ds"].posterior, self.threshold)])
             if self.restrict_to_target:
                 eligible = answers == self.target_response_
