@@ -14,7 +14,9 @@ linear share only, the paper's reading of TCAP (top 4 heads of the last 2 layers
 mixture component but the largest) and BYE. No
 parameter is tuned per cell. Worlds and profiles are cached (``TCAPGUARD_CACHE``), so a second sweep
 only fits the filters; a world not yet built costs ~2.5 min of fine-tuning on 2 idle cores. Rate 0
-is the clean upload, where the right answer is "nothing flagged". Results go to
+is the clean upload, where the right answer is "nothing flagged". ``--clean-givers K`` makes K clean
+samples of each poisoned upload answer the attacker's target (in the worlds only poison does), the
+case where the filter must tell poison from a clean sample that gives the same answer. Results go to
 ``benchmarks/results/detection.json``.
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -49,13 +52,15 @@ FILTERS = {  # name -> (a fresh filter with its defaults, whether fit gets respo
 }
 # opt-in (--filters), for held-out comparisons (README, "Detection: measured"): the default before
 # answer seeds, the 0.8 exclusivity bar and restrict_to_target; the default with the votes'
-# posterior as it is (before restrict_to_target)
+# posterior as it is (before restrict_to_target); the default with the votes alone deciding among
+# the target's givers (before the giver test)
 CANDIDATES = {
     "tcap+responses/heads-excl0.9": (
         lambda: TCAPFilter(min_response_exclusivity=0.9, answer_seed_auc=None, restrict_to_target=False),
         True,
     ),
     "tcap+responses/as-voted": (lambda: TCAPFilter(restrict_to_target=False), True),
+    "tcap+responses/votes-only": (lambda: TCAPFilter(giver_alpha=None), True),
 }
 ALL_FILTERS = {**FILTERS, **CANDIDATES}
 
@@ -105,6 +110,20 @@ def score(estimator, profile, poisoned: list[str], texts: dict[str, list[str]] |
     }
 
 
+def with_clean_givers(texts: dict[str, list[str]], ids, poisoned: list[str], k: int, seed: int) -> dict:
+    """``texts`` with ``k`` clean samples (seeded) answering the attacker's target: clean samples
+    whose true answer happens to be the target, which the filter must leave alone. Their attention
+    is untouched, so they are exchangeable with the other clean samples (a real clean giver has a
+    reason to give that answer, which its attention may show)."""
+    member = np.isin(np.asarray(ids), poisoned)
+    responses = np.array(texts["responses"], dtype=object)
+    target = Counter(responses[member]).most_common(1)[0][0]
+    clean = np.flatnonzero(~member)
+    picked = np.random.default_rng(seed).choice(clean, size=min(k, clean.size), replace=False)
+    responses[picked] = target
+    return {**texts, "responses": responses.tolist()}
+
+
 def fmt(value) -> str:
     return "  n/a" if value is None else f"{value:5.2f}"
 
@@ -123,6 +142,12 @@ def main() -> None:
     parser.add_argument("--filters", nargs="+", default=list(FILTERS), choices=list(ALL_FILTERS))
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--n-train", type=int, default=WorldSpec.n_train, help="samples in the upload")
+    parser.add_argument(
+        "--clean-givers",
+        type=int,
+        default=0,
+        help="this many clean samples of each poisoned upload answer the attacker's target",
+    )
     add_base_options(parser)
     parser.add_argument("--out", default="benchmarks/results/detection.json")
     args = parser.parse_args()
@@ -140,6 +165,8 @@ def main() -> None:
         profile, texts, poisoned = world_profile(
             base_spec(family, args), attack, rate, seed, cache, n_train=args.n_train
         )
+        if args.clean_givers and poisoned:
+            texts = with_clean_givers(texts, profile.ids, poisoned, args.clean_givers, seed)
         row = {
             "family": family,
             "attack": attack or "clean",
@@ -149,6 +176,7 @@ def main() -> None:
             "n_poisoned": len(poisoned),
             "best_column_auroc": best_column_auroc(profile, poisoned),
             "base": base_settings(args),
+            "clean_givers": args.clean_givers if poisoned else 0,
         }
         row.update(
             {

@@ -152,6 +152,7 @@ def test_tcap_names_the_first_nan(poisoned):
         ({"n_heads": 0}, "n_heads"),
         ({"min_poison_fraction": 0.5}, "min_poison_fraction"),
         ({"scale": "log"}, "scale"),
+        ({"giver_alpha": 0.5}, "giver_alpha"),
     ],
 )
 def test_tcap_rejects_bad_options(poisoned, kwargs, match):
@@ -206,7 +207,7 @@ def test_reports_and_plots(tmp_path, fitted):
     assert rep["n_flagged"] == fitted.n_flagged_ and len(rep["heads"]) == len(fitted.heads_)
     assert {"sensitivity", "specificity", "layer", "head", "separation"} <= set(rep["heads"][0])
     rows = Path(write_flagged_table(fitted, tmp_path / "flagged.csv")).read_text().splitlines()
-    assert rows[0] == "id,posterior,votes" and len(rows) == fitted.n_flagged_ + 1
+    assert rows[0] == "id,score,votes,giver_pvalue" and len(rows) == fitted.n_flagged_ + 1
     assert float(rows[1].split(",")[1]) >= float(rows[-1].split(",")[1]) > 0.5
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -264,6 +265,64 @@ def test_a_target_partly_given_outside_the_group_passes_at_the_default_bar():
     assert not accepted.labels_[outside].any()
     declined = TCAPFilter(min_response_exclusivity=0.9).fit(profile, responses=responses.tolist())
     assert declined.labels_.sum() == 0 and "common outside them" in declined.decision_
+
+
+def _faint_upload(every: int):
+    """A poisoned upload where every ``every``-th poisoned sample is faint (its shares come from the
+    same upload with a poison shift of 1.5 instead of 4, and the trigger's vision signature in the
+    poison heads is removed, so every head alone reads it as borderline), and 10 clean samples also
+    give the target. Returns (profile, faint indices, clean givers, responses)."""
+    profile = make_profile(rate=0.1, seed=1)
+    weak = make_profile(rate=0.1, seed=1, poison_shift=1.5)
+    rng = np.random.default_rng(0)
+    faint = np.flatnonzero(profile.poisoned)[::every]
+    profile.shares[faint] = weak.shares[faint]
+    donors = rng.choice(np.flatnonzero(~profile.poisoned), faint.size)
+    for layer, head in profile.poison_heads:
+        system = profile.shares[faint, layer, head, 0]
+        donor = profile.shares[donors, layer, head]
+        vision = donor[:, 1] / (donor[:, 1] + donor[:, 2])
+        profile.shares[faint, layer, head, 1] = (1 - system) * vision
+        profile.shares[faint, layer, head, 2] = (1 - system) * (1 - vision)
+    outside = rng.choice(np.flatnonzero(~profile.poisoned), 10, replace=False)
+    responses = np.array([f"answer {i % 7}" for i in range(len(profile.ids))], dtype=object)
+    responses[profile.poisoned] = responses[outside] = "backdoor attack"
+    return profile, faint, outside, responses
+
+
+def test_the_giver_test_finds_poison_the_votes_miss():
+    """The measured LLaVA SIG case: some poisoned givers get few votes from correlated heads and
+    Dawid-Skene counts those votes as independent evidence against them. An eighth of the poison
+    here moves the system share by 1.5 (not 4) in the poison heads: no head votes for them, but a
+    classifier of all the shares, givers against the rest, ranks them above the reference; the
+    clean samples that give the target look like the reference and stay unflagged."""
+    profile, faint, outside, responses = _faint_upload(every=8)
+
+    votes_only = TCAPFilter(giver_alpha=None).fit(profile, responses=responses.tolist())
+    assert not votes_only.labels_[faint].any() and np.isnan(votes_only.giver_pvalues_).all()
+    found = TCAPFilter().fit(profile, responses=responses.tolist())
+    assert found.labels_[faint].all() and not found.labels_[outside].any()
+    assert found.n_flagged_by_giver_test_ == faint.size and "more by the giver test" in found.decision_
+    assert (found.scores_[faint] >= 1 - found.giver_alpha).all()
+    givers = responses == "backdoor attack"
+    assert np.isfinite(found.giver_pvalues_[givers]).all() and np.isnan(found.giver_pvalues_[~givers]).all()
+
+
+def test_the_giver_test_widens_a_group_the_votes_found_in_part():
+    """The measured LLaVA SIG and BadNet seed-6 cases: the votes find only part of the poison (here
+    half is faint), so only half of the target's givers are flagged and the exclusivity test, read
+    on the votes alone, declines. The giver test sets the faint half apart too, so the group holds
+    95% of the givers and passes; the clean givers stay out."""
+    profile, faint, outside, responses = _faint_upload(every=2)
+
+    votes_only = TCAPFilter(giver_alpha=None).fit(profile, responses=responses.tolist())
+    assert votes_only.n_flagged_ == 0 and "common outside them" in votes_only.decision_
+    assert not any("giver_exclusivity" in c for c in votes_only.candidates_)
+    found = TCAPFilter().fit(profile, responses=responses.tolist())
+    assert f1_score(profile.poisoned, found.labels_) >= 0.99 and not found.labels_[outside].any()
+    assert found.labels_[faint].mean() >= 0.95
+    verdict = next(c for c in found.candidates_ if c.get("accepted"))
+    assert verdict["response_exclusivity"] < 0.8 <= verdict["giver_exclusivity"]
 
 
 def test_responses_must_match_the_profile():

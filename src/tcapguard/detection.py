@@ -42,7 +42,11 @@ structure makes clean heads multimodal; a clean upload got two thirds of its sam
 - once a verdict passes with the responses, only the samples that give its target response can be
   poisoned (``restrict_to_target``): a poisoned training sample always gives the attacker's target,
   so among the target's givers poison is the majority and the prior is re-estimated there, and no
-  vote makes a sample that answers otherwise poisoned.
+  vote makes a sample that answers otherwise poisoned. A giver is also flagged when a classifier of
+  all its head shares, trained out of fold on givers against the rest, sets it apart from the rest
+  (``giver_alpha``, a conformal p-value): the heads are correlated, so their votes can outvote a
+  poisoned giver that a few of them miss. The same test widens the exclusivity test: givers of the
+  group's answer that it sets apart count as the group's.
 The paper's own reading stays available (``split_rule="paper"``, ``head_selection="top"``).
 
 BYE (NeurIPS 2025): per layer a 2-component mixture of the vision-attention entropy; a layer is
@@ -64,6 +68,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from tcapguard.config import StepConfig
+from tcapguard.conformal import member_pvalues
 from tcapguard.mixtures import GaussianMixture1D
 from tcapguard.voting import DawidSkeneResult, dawid_skene, restrict_positives
 
@@ -409,6 +414,16 @@ class TCAPFilter(_PoisonFilter):
             whose votes are ambiguous then tips to poisoned, while one whose votes say clean (a
             clean sample that happens to give the target) stays clean. False: the votes'
             posterior as it is.
+        giver_alpha: with ``restrict_to_target``: a giver of the target is flagged as well when a
+            cross-validated classifier of all its head shares sets it apart from the samples that
+            answer otherwise (``conformal.member_pvalues``: p-value <= giver_alpha, kept in
+            ``giver_pvalues_``; its score becomes max(posterior, 1 - p)). The heads vote as if
+            independent, so a poisoned giver that few of them catch is outvoted; the classifier
+            reads them jointly, and a clean giver, which looks like the reference, passes with
+            probability giver_alpha. The exclusivity test counts the givers it sets apart as the
+            group's too (a group the votes found only in part: its other givers are poison that
+            the votes missed, while the other givers of a clean group's answer look like the
+            rest). None: the votes alone.
         vote_threshold: responsibility above which a head votes poisoned (the paper's tau).
         prior_strength: Beta(a, b) prior on the poison prior in Dawid-Skene.
         max_uncertain: decline when more than this share of samples has a posterior in (0.1, 0.9).
@@ -439,6 +454,7 @@ class TCAPFilter(_PoisonFilter):
         max_candidates: int = 32,
         answer_seed_auc: float | None = 0.99,
         restrict_to_target: bool = True,
+        giver_alpha: float | None = 0.01,
         vote_threshold: float = 0.5,
         prior_strength: tuple[float, float] = (1.0, 4.0),
         max_uncertain: float = 0.05,
@@ -471,6 +487,7 @@ class TCAPFilter(_PoisonFilter):
         self.max_candidates = max_candidates
         self.answer_seed_auc = answer_seed_auc
         self.restrict_to_target = restrict_to_target
+        self.giver_alpha = giver_alpha
         self.vote_threshold = vote_threshold
         self.prior_strength = prior_strength
         self.max_uncertain = max_uncertain
@@ -523,6 +540,8 @@ class TCAPFilter(_PoisonFilter):
             raise ValueError(
                 f"TCAPFilter.answer_seed_auc must be None or in [0.5, 1], got {self.answer_seed_auc!r}"
             )
+        if self.giver_alpha is not None and not 0 < self.giver_alpha < 0.5:
+            raise ValueError(f"TCAPFilter.giver_alpha must be None or in (0, 0.5), got {self.giver_alpha!r}")
         if self.min_heads < 1 or self.max_heads < 1 or self.max_candidates < 1:
             raise ValueError("TCAPFilter.min_heads, max_heads and max_candidates must be >= 1")
 
@@ -544,6 +563,8 @@ class TCAPFilter(_PoisonFilter):
         that only one question type gives.
         """
         self.ids_, shares = _check_shares(X)
+        self._columns = shares.reshape(shares.shape[0], -1)  # what the giver test reads
+        self._tested: dict[bytes, np.ndarray] = {}  # its p-values, by group of givers
         answers = _normalized_responses(responses, shares.shape[0])
         _check_count(queries, shares.shape[0], "queries")
         reads_texts = self.head_selection == "support"  # the paper's reading ("top") ignores the texts
@@ -575,11 +596,14 @@ class TCAPFilter(_PoisonFilter):
                 found = self._answer_seeds(search["values"], scale, footprint, answers, words)
                 search.update(zip(("sel", "votes", "ds", "decline"), found, strict=True))
         self.target_response_ = None
+        self.giver_pvalues_ = np.full(n, np.nan)
         if reads_texts and answers is not None and search["ds"] is not None and search["decline"] is None:
             self.target_response_ = _commonest(answers[_threshold(search["ds"].posterior, self.threshold)])
             if self.restrict_to_target:
                 eligible = answers == self.target_response_
                 search["ds"] = restrict_positives(search["ds"], search["votes"], eligible)
+                self.giver_pvalues_ = self._giver_pvalues(eligible)
+        del self._columns, self._tested  # the fitted filter need not keep the shares
         self.scale_ = scale
         values, gm, split, sep = search["values"], search["gm"], search["split"], search["sep"]
         sel, votes, ds, decline = search["sel"], search["votes"], search["ds"], search["decline"]
@@ -607,17 +631,24 @@ class TCAPFilter(_PoisonFilter):
             self.head_reliability_ = {"sensitivity": np.zeros(0), "specificity": np.zeros(0)}
             self.poison_prior_ = 0.0
             self.uncertain_fraction_ = 0.0
+            self.n_flagged_by_giver_test_ = 0
             self._finish(np.zeros(n), decline=decline or "declined: no head selected", decision="")
             return self
         self.dawid_skene_ = ds
         self.head_reliability_ = {"sensitivity": ds.sensitivity, "specificity": ds.specificity}
         self.poison_prior_ = ds.prior
         self.uncertain_fraction_ = _uncertain_fraction(ds.posterior)
+        set_apart = self.giver_pvalues_ <= (self.giver_alpha or 0)  # NaN (not a giver) compares False
+        scores = np.where(set_apart, np.maximum(ds.posterior, 1 - self.giver_pvalues_), ds.posterior)
+        by_votes = _threshold(ds.posterior, self.threshold)
+        flagged = _threshold(scores, self.threshold)
+        self.n_flagged_by_giver_test_ = 0 if decline else int((flagged & ~by_votes).sum())
         self._finish(
-            ds.posterior,
+            scores,
             decline=decline,
-            decision=f"{int(_threshold(ds.posterior, self.threshold).sum())} of {n} samples flagged by "
-            f"{sel.size} head(s); poison prior {ds.prior:.2%}"
+            decision=f"{int(flagged.sum())} of {n} samples flagged: {int(by_votes.sum())} by the votes of "
+            f"{sel.size} head(s) (poison prior {ds.prior:.2%})"
+            + (f", {self.n_flagged_by_giver_test_} more by the giver test" if set_apart.any() else "")
             + (f"; target response {self.target_response_!r}" if self.target_response_ is not None else ""),
         )
         return self
@@ -701,6 +732,16 @@ class TCAPFilter(_PoisonFilter):
             warnings.simplefilter("ignore")
             return dawid_skene(votes, prior_strength=self.prior_strength)
 
+    def _giver_pvalues(self, givers: np.ndarray) -> np.ndarray:
+        """The giver test's p-values for ``givers`` (``conformal.member_pvalues`` on every
+        head-share column); NaN for everyone else, and for all when the test is off."""
+        if self.giver_alpha is None or not self.restrict_to_target:
+            return np.full(givers.size, np.nan)
+        key = np.packbits(givers).tobytes()  # candidates often share one answer: test it once
+        if key not in self._tested:
+            self._tested[key] = member_pvalues(self._columns, givers, random_state=self.random_state)
+        return self._tested[key]
+
     def _implausible(
         self,
         ds: DawidSkeneResult,
@@ -745,10 +786,20 @@ class TCAPFilter(_PoisonFilter):
                     f"commonest; min_response_agreement={self.min_response_agreement})"
                 )
             if exclusivity < self.min_response_exclusivity:
-                return (
-                    f"their response is common outside them (only {exclusivity:.0%} of the samples "
-                    f"giving it are flagged; min_response_exclusivity={self.min_response_exclusivity})"
-                )
+                givers = answers == _commonest(answers[flags])
+                apart = self._giver_pvalues(givers) <= (self.giver_alpha or 0)  # NaN compares False
+                widened = int(((flags | apart) & givers).sum()) / int(givers.sum())
+                tested = self.giver_alpha is not None and self.restrict_to_target
+                if tested:
+                    measured["giver_exclusivity"] = widened
+                if widened < self.min_response_exclusivity:
+                    return (
+                        f"their response is common outside them (only {exclusivity:.0%} of the samples "
+                        f"giving it are flagged"
+                        + (f", {widened:.0%} with those the giver test sets apart" if tested else "")
+                        + f"; min_response_exclusivity={self.min_response_exclusivity})"
+                    )
+                flags = flags | apart  # what would be flagged: the query test reads it
         if words is not None:
             auroc = query_separability(words, flags, self.random_state)
             measured["query_auroc"] = auroc
@@ -1063,6 +1114,7 @@ class FilterConfig(StepConfig):
     max_query_auroc: float | None = 0.75
     answer_seed_auc: float | None = 0.99
     restrict_to_target: bool = True
+    giver_alpha: float | None = 0.01
     use_responses: bool = True  # pass the upload's responses and queries to fit: README, The filter
     vote_threshold: float = 0.5
     prior_strength: tuple[float, float] = (1.0, 4.0)

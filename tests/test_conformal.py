@@ -1,0 +1,54 @@
+"""Conformal p-values of a group's members against the rest (tcapguard.conformal)."""
+
+import numpy as np
+import pytest
+
+from tcapguard import conformal
+from tcapguard.conformal import member_pvalues
+
+
+def _upload(n=1500, d=40, n_members=150, shift=1.0, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    members = np.zeros(n, dtype=bool)
+    members[rng.choice(n, n_members, replace=False)] = True
+    x[members, :10] += shift  # a joint signature: each column alone overlaps the rest heavily
+    return x, members
+
+
+def test_members_with_a_signature_rank_above_the_reference():
+    x, members = _upload(shift=1.5)
+    p = member_pvalues(x, members)
+    assert np.isnan(p[~members]).all()
+    assert (p[members] <= 0.01).mean() >= 0.9
+    # no single column separates them that well: the classifier reads the columns jointly
+    one = member_pvalues(x[:, :1], members)
+    assert (one[members] <= 0.01).mean() < 0.3
+
+
+def test_members_like_the_reference_get_uniform_pvalues():
+    """A clean sample that happens to give the target is exchangeable with the reference: its
+    p-value is uniform, so it passes the test at alpha with probability about alpha."""
+    x, members = _upload(shift=0.0, n=3000, n_members=600)
+    p = member_pvalues(x, members)[members]
+    assert 0.4 < p.mean() < 0.6
+    assert (p <= 0.05).mean() < 0.1
+
+
+def test_members_left_out_of_the_training_sample_are_scored_out_of_sample(monkeypatch):
+    monkeypatch.setattr(conformal, "MAX_PER_CLASS", 60)
+    x, members = _upload(shift=1.5)
+    p = member_pvalues(x, members)
+    assert np.isfinite(p[members]).all() and (p[members] <= 0.05).mean() >= 0.8
+    assert p[members].min() >= 1 / 61  # the reference is the 60 sampled non-members
+
+
+def test_too_few_to_fold_is_no_evidence():
+    x, members = _upload(n_members=3)
+    p = member_pvalues(x, members)
+    assert (p[members] == 1.0).all() and np.isnan(p[~members]).all()
+
+
+def test_shapes_are_checked():
+    with pytest.raises(ValueError, match=r"features must be \[n_samples, n_columns\]"):
+        member_pvalues(np.zeros((10, 2)), np.zeros(9, dtype=bool))
