@@ -422,8 +422,10 @@ class TCAPFilter(_PoisonFilter):
             reads them jointly, and a clean giver, which looks like the reference, passes with
             probability giver_alpha. The exclusivity test counts the givers it sets apart as the
             group's too (a group the votes found only in part: its other givers are poison that
-            the votes missed, while the other givers of a clean group's answer look like the
-            rest). None: the votes alone.
+            the votes missed). The givers of a clean answer can be set apart as well (an answer
+            follows from its question and image: counting answers are, in the tiny worlds), so
+            the query test reads the widened group and declines a question type. None: the votes
+            alone.
         vote_threshold: responsibility above which a head votes poisoned (the paper's tau).
         prior_strength: Beta(a, b) prior on the poison prior in Dawid-Skene.
         max_uncertain: decline when more than this share of samples has a posterior in (0.1, 0.9).
