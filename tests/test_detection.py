@@ -323,6 +323,9 @@ def test_the_giver_test_widens_a_group_the_votes_found_in_part():
     assert found.labels_[faint].mean() >= 0.95
     verdict = next(c for c in found.candidates_ if c.get("accepted"))
     assert verdict["response_exclusivity"] < 0.8 <= verdict["giver_exclusivity"]
+    # the widened group is what would be flagged, so it must stay a minority too
+    bounded = TCAPFilter(max_poison_fraction=0.08).fit(profile, responses=responses.tolist())
+    assert bounded.n_flagged_ == 0 and "the giver test sets apart the group is" in bounded.decision_
 
 
 def test_responses_must_match_the_profile():

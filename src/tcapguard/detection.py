@@ -424,8 +424,8 @@ class TCAPFilter(_PoisonFilter):
             group's too (a group the votes found only in part: its other givers are poison that
             the votes missed). The givers of a clean answer can be set apart as well (an answer
             follows from its question and image: counting answers are, in the tiny worlds), so
-            the query test reads the widened group and declines a question type. None: the votes
-            alone.
+            the query test reads the widened group and declines a question type; the widened group
+            must also stay within ``max_poison_fraction``. None: the votes alone.
         vote_threshold: responsibility above which a head votes poisoned (the paper's tau).
         prior_strength: Beta(a, b) prior on the poison prior in Dawid-Skene.
         max_uncertain: decline when more than this share of samples has a posterior in (0.1, 0.9).
@@ -801,7 +801,12 @@ class TCAPFilter(_PoisonFilter):
                         + (f", {widened:.0%} with those the giver test sets apart" if tested else "")
                         + f"; min_response_exclusivity={self.min_response_exclusivity})"
                     )
-                flags = flags | apart  # what would be flagged: the query test reads it
+                flags = flags | apart  # what would be flagged: the size bound and the query test read it
+                if flags.mean() > self.max_poison_fraction:
+                    return (
+                        f"with the givers the giver test sets apart the group is {flags.mean():.1%} of the "
+                        f"upload (max_poison_fraction={self.max_poison_fraction})"
+                    )
         if words is not None:
             auroc = query_separability(words, flags, self.random_state)
             measured["query_auroc"] = auroc
