@@ -644,7 +644,7 @@ class TCAPFilter(_PoisonFilter):
         scores = np.where(set_apart, np.maximum(ds.posterior, 1 - self.giver_pvalues_), ds.posterior)
         by_votes = _threshold(ds.posterior, self.threshold)
         flagged = _threshold(scores, self.threshold)
-        self.n_flagged_by_giver_test_ = 0 if decline else int((flagged & ~by_votes).sum())
+        self.n_flagged_by_giver_test_ = int((flagged & ~by_votes).sum())  # 0 when declined: no target
         self._finish(
             scores,
             decline=decline,
@@ -734,10 +734,14 @@ class TCAPFilter(_PoisonFilter):
             warnings.simplefilter("ignore")
             return dawid_skene(votes, prior_strength=self.prior_strength)
 
+    @property
+    def _giver_test_on(self) -> bool:
+        return self.giver_alpha is not None and self.restrict_to_target
+
     def _giver_pvalues(self, givers: np.ndarray) -> np.ndarray:
         """The giver test's p-values for ``givers`` (``conformal.member_pvalues`` on every
         head-share column); NaN for everyone else, and for all when the test is off."""
-        if self.giver_alpha is None or not self.restrict_to_target:
+        if not self._giver_test_on:
             return np.full(givers.size, np.nan)
         key = np.packbits(givers).tobytes()  # candidates often share one answer: test it once
         if key not in self._tested:
@@ -791,7 +795,7 @@ class TCAPFilter(_PoisonFilter):
                 givers = answers == _commonest(answers[flags])
                 apart = self._giver_pvalues(givers) <= (self.giver_alpha or 0)  # NaN compares False
                 widened = int(((flags | apart) & givers).sum()) / int(givers.sum())
-                tested = self.giver_alpha is not None and self.restrict_to_target
+                tested = self._giver_test_on
                 if tested:
                     measured["giver_exclusivity"] = widened
                 if widened < self.min_response_exclusivity:
