@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/detection.py                                  # what is cached, plus clean
     .venv/bin/python benchmarks/detection.py --family llava gemma3 --attacks badnet text \\
         --rates 0.01 0.05 0.1 --seeds 0 1 2                                    # the issue's full grid
+    .venv/bin/python benchmarks/detection.py --cells llava:badnet:0.1:0 gemma3:clean:0:1  # cells
 
 Each cell is a tiny world (``tcapguard.tinyworld``: the clean base fine-tuned on the poisoned
 upload, the TCAP protocol's first step), its attention profile and five filters: TCAP on the profile
@@ -128,6 +129,22 @@ def fmt(value) -> str:
     return "  n/a" if value is None else f"{value:5.2f}"
 
 
+def parse_cell(text: str) -> tuple[str, str | None, float, int]:
+    """A cell: "llava:badnet:0.1:0" -> ("llava", "badnet", 0.1, 0); "llava:clean:0:3" is a clean upload."""
+    try:
+        family, attack, rate, seed = text.split(":")
+        if attack != "clean" and attack not in ATTACKS:
+            raise ValueError(f"unknown attack {attack!r}")
+        return (
+            family,
+            None if attack == "clean" else attack,
+            0.0 if attack == "clean" else float(rate),
+            int(seed),
+        )
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"a cell is FAMILY:ATTACK:RATE:SEED, got {text!r} ({err})") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -139,6 +156,14 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[0.1])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--no-clean", action="store_true", help="skip the clean upload (rate 0)")
+    parser.add_argument(
+        "--cells",
+        nargs="+",
+        type=parse_cell,
+        default=None,
+        metavar="FAMILY:ATTACK:RATE:SEED",
+        help="these cells instead of the grid (ATTACK 'clean' for a clean upload; rate then ignored)",
+    )
     parser.add_argument("--filters", nargs="+", default=list(FILTERS), choices=list(ALL_FILTERS))
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--n-train", type=int, default=WorldSpec.n_train, help="samples in the upload")
@@ -149,13 +174,16 @@ def main() -> None:
         help="this many clean samples of each poisoned upload answer the attacker's target",
     )
     add_base_options(parser)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--out", default="benchmarks/results/detection.json")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     cache = Path(args.cache_dir or default_cache_dir())
     cells = [(f, a, r, s) for f in args.family for a in args.attacks for r in args.rates for s in args.seeds]
     if not args.no_clean:
         cells += [(f, None, 0.0, s) for f in args.family for s in args.seeds]
+    if args.cells:
+        cells = args.cells
     rows = []
     print(
         f"{'family':7s} {'attack':8s} {'rate':>5s} {'seed':>4s} | "

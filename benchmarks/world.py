@@ -63,9 +63,10 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=WorldSpec.n_train, help="samples in the upload")
     parser.add_argument("--epochs", type=int, default=None, help="fine-tune epochs (default: WorldSpec's)")
     add_base_options(parser)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--out", default="benchmarks/results/world.json")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     rows = []
     for family in args.family:
         base_config = base_spec(family, args)

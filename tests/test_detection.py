@@ -328,6 +328,37 @@ def test_the_giver_test_widens_a_group_the_votes_found_in_part():
     assert bounded.n_flagged_ == 0 and "the giver test sets apart the group is" in bounded.decision_
 
 
+def test_the_giver_test_seeds_an_answer_that_no_column_confirms():
+    """The measured LLaVA BadNet and Gemma3 Blend cases: all the poison is faint, so no head seeds
+    its group and no column separates the target's givers at AUROC 0.99; the candidates seeded by
+    the answers then ask the giver test, which sets apart exactly the poisoned givers (not the 10
+    clean ones) and seeds the group. Clean answers that the attention does not predict are set
+    apart at the test's level, and a poisoned group of one question type is declined as before."""
+    profile, _, outside, responses = _faint_upload(every=1)
+    n = len(profile.ids)
+    others = np.random.default_rng(1).choice([k for k in sorted(PHRASINGS) if k != "count"], n)
+    drawn = phrased_queries(others, seed=1)
+
+    votes_only = TCAPFilter(giver_alpha=None).fit(profile, responses=responses.tolist(), queries=drawn)
+    assert votes_only.n_flagged_ == 0 and votes_only.declined_
+    found = TCAPFilter().fit(profile, responses=responses.tolist(), queries=drawn)
+    assert f1_score(profile.poisoned, found.labels_) == 1.0 and not found.labels_[outside].any()
+    verdict = next(c for c in found.candidates_ if c.get("accepted"))
+    assert verdict["answer"] == "backdoor attack" and verdict["seed"] == "giver test"
+    assert verdict["support"] < 3 and verdict["n_set_apart"] == profile.poisoned.sum()
+    assert found.candidates_[-1] is verdict  # the answer the columns come closest to confirming: first
+
+    one_type = phrased_queries(np.where(profile.poisoned, "count", others), seed=1)
+    declined = TCAPFilter().fit(profile, responses=responses.tolist(), queries=one_type)
+    assert declined.n_flagged_ == 0 and "their questions set them apart" in declined.decision_
+    assert "or whose givers the giver test sets apart" in declined.decision_
+    clean_answers = [c for c in declined.candidates_ if c.get("answer", "").startswith("answer ")]
+    assert len(clean_answers) == 7 and all(c["n_set_apart"] < 0.05 * c["n_target"] for c in clean_answers)
+    assert all("the giver test sets apart only" in c["rejected"] for c in clean_answers)
+    capped = TCAPFilter(max_candidates=2).fit(profile, responses=responses.tolist(), queries=one_type)
+    assert sum("n_set_apart" in c for c in capped.candidates_) == 2
+
+
 def test_responses_must_match_the_profile():
     profile = make_profile(n_samples=100, rate=0.1, seed=0)
     with pytest.raises(ValueError, match="3 responses for a profile of 100"):

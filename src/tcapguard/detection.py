@@ -38,7 +38,9 @@ structure makes clean heads multimodal; a clean upload got two thirds of its sam
 - when no head seeds a backdoor group, the answers seed candidates instead (``answer_seed_auc``):
   every answer that a minority gives, if ``min_heads`` columns separate its givers almost perfectly;
   those columns vote and the verdict passes the same tests. A head's mixture can miss a group that
-  the columns separate (the poison a tight spike at one end of a multimodal clean range).
+  the columns separate (the poison a tight spike at one end of a multimodal clean range). Where no
+  column separates an answer's givers that well, the giver test (below) may set most of them apart
+  from all columns at once; those givers are then the candidate group.
 - once a verdict passes with the responses, only the samples that give its target response can be
   poisoned (``restrict_to_target``): a poisoned training sample always gives the attacker's target,
   so among the target's givers poison is the majority and the prior is re-estimated there, and no
@@ -392,6 +394,7 @@ class TCAPFilter(_PoisonFilter):
         min_heads: columns (seed included) that must separate the group; max_footprint: the largest
             share of all head-share columns that may separate it (more is query-template structure;
             used only when ``fit`` gets no responses).
+        max_candidates: head columns tried as seeds per scale, and answers the giver test is run on.
         min_response_agreement / min_response_exclusivity: with responses, the flagged samples
             must share one response, and the samples giving it must be mostly flagged.
         max_query_auroc: with queries, the highest ``query_separability`` a verdict may have (None:
@@ -406,7 +409,9 @@ class TCAPFilter(_PoisonFilter):
             tiny worlds (``benchmarks/answer_groups.py``): poison groups reach it in 3-12 columns,
             and the only clean groups that do (counting answers such as "one", in 3-8) are one
             question type, which the query test declines; without the queries (or with
-            ``max_query_auroc=None``) there are no answer seeds.
+            ``max_query_auroc=None``) there are no answer seeds. With the giver test on
+            (``giver_alpha``), an answer that fewer columns confirm is a candidate when the test
+            sets apart ``min_response_exclusivity`` of its givers (the group: those set apart).
         restrict_to_target: with responses, once a verdict passes: its target response
             (``target_response_``, the flagged samples' commonest) decides who may be poisoned.
             ``restrict_positives`` keeps the voting heads' reliabilities, re-estimates the poison
@@ -919,7 +924,11 @@ class TCAPFilter(_PoisonFilter):
         ``min_heads`` columns separate them at AUROC >= ``answer_seed_auc``; those columns vote (one
         Gaussian per class on ``values``, the last ``scale`` searched), most-confirmed answer first,
         and the first verdict that passes ``_implausible`` wins. A backdoor maps its samples to one
-        answer, so its group is among these even where no head's mixture isolates it."""
+        answer, so its group is among these even where no head's mixture isolates it. With the
+        giver test on, an answer that too few columns confirm is seeded by the givers that the test
+        sets apart, if they are ``min_response_exclusivity`` of its givers; the columns that
+        separate them best vote. Faint poison that no single column separates well is set apart
+        by all columns read jointly."""
         n, c = values.shape
         names, counts = np.unique(answers.astype(str), return_counts=True)
         minority = (counts >= max(2, self.min_poison_fraction * n)) & (counts <= self.max_poison_fraction * n)
@@ -931,23 +940,48 @@ class TCAPFilter(_PoisonFilter):
             support = np.flatnonzero(auc >= self.answer_seed_auc)
             rows.append((support.size, answer, group, auc, support))
         rows.sort(key=lambda r: -r[0])  # stable: equal support keeps the answers' sorted order
-        for n_support, answer, group, auc, support in rows:
+        # the giver test costs a few seconds at 100k samples: the unconfirmed answers that the
+        # columns come closest to confirming ask it first, at most max_candidates of them
+        confirmed = [r for r in rows if r[0] >= self.min_heads]
+        unconfirmed = sorted((r for r in rows if r[0] < self.min_heads), key=lambda r: -r[3].max())
+        n_tests = 0
+        for n_support, answer, givers, auc, support in confirmed + unconfirmed:
             row: dict[str, Any] = {
                 "answer": str(answer),
-                "n_target": int(group.sum()),
+                "n_target": int(givers.sum()),
                 "support": n_support,
                 "scale": scale,
             }
             self.candidates_.append(row)
+            group = givers
             if n_support < self.min_heads:
-                row["rejected"] = (
+                reason = (
                     f"only {n_support} column(s) separate its givers at AUROC >= {self.answer_seed_auc} "
                     f"(min_heads={self.min_heads})"
                 )
-                continue
+                if not self._giver_test_on or n_tests == self.max_candidates:
+                    row["rejected"] = reason
+                    continue
+                n_tests += 1
+                # no column confirms the givers, but all columns read jointly may: the givers that
+                # the giver test sets apart seed the group, and the columns that best separate them vote
+                group = givers & (self._giver_pvalues(givers) <= self.giver_alpha)
+                row["seed"] = "giver test"
+                row["n_set_apart"] = int(group.sum())
+                if group.sum() < self.min_response_exclusivity * givers.sum():
+                    row["rejected"] = (
+                        f"{reason}, and the giver test sets apart only {group.sum()} of its "
+                        f"{givers.sum()} givers (min_response_exclusivity={self.min_response_exclusivity})"
+                    )
+                    continue
+                auc = self._group_aurocs(footprint, group, c)[0]
+                support = np.arange(c)
             sel = support[np.argsort(-auc[support], kind="stable")][: self._max_voters()]
             votes = _class_conditional_votes(values[:, sel], group, self.vote_threshold, self.reg_covar)
-            ds = self._verdict(votes, answers, words, row)
+            # a giver-test group is read by columns that separate it only in part, whose votes
+            # alone would also flag samples that answer otherwise: the answer is the hypothesis
+            # here, so the verdict is read among its givers (as restrict_to_target does after it)
+            ds = self._verdict(votes, answers, words, row, givers if "seed" in row else None)
             if "rejected" not in row:
                 self.head_support_ = auc[sel]
                 return sel.astype(np.int64), votes, ds, None
@@ -966,10 +1000,18 @@ class TCAPFilter(_PoisonFilter):
         return auc_all.reshape(-1, 3)[-n_modelled:, FEATURES[self.features_[0]]], auc_all
 
     def _verdict(
-        self, votes: np.ndarray, answers: np.ndarray | None, words: csr_matrix | None, row: dict[str, Any]
+        self,
+        votes: np.ndarray,
+        answers: np.ndarray | None,
+        words: csr_matrix | None,
+        row: dict[str, Any],
+        eligible: np.ndarray | None = None,
     ) -> DawidSkeneResult:
-        """Dawid-Skene on a candidate's votes; ``row`` gets its figures and "accepted" or "rejected"."""
+        """Dawid-Skene on a candidate's votes (only the ``eligible`` samples positive, if given);
+        ``row`` gets its figures and "accepted" or "rejected"."""
         ds = self._aggregate(votes)
+        if eligible is not None:
+            ds = restrict_positives(ds, votes, eligible)
         row["n_flagged"] = int(_threshold(ds.posterior, self.threshold).sum())
         reason = self._implausible(ds, answers, words, measured=row)
         if reason:
@@ -989,6 +1031,8 @@ class TCAPFilter(_PoisonFilter):
         seeds = f"heads with SS >= {self.min_separation}"
         if any("answer" in c for c in self.candidates_):
             seeds += f", answers that columns separate at AUROC >= {self.answer_seed_auc}"
+            if any("seed" in c for c in self.candidates_):
+                seeds += " or whose givers the giver test sets apart"
         return (
             f"declined: none of {len(self.candidates_)} candidate group(s) ({seeds}) looks like a "
             f"backdoor ({len(tried)} reached a verdict; each reason is in candidates_); e.g. the group "
