@@ -204,8 +204,10 @@ def test_the_whole_run_on_s3(small_run, s3_bucket):
 def demo_world_runs(tmp_path_factory):
     """The demo's world (a pre-trained tiny Gemma3, BadNet at 10%) run through `tcapguard run` twice on
     the same poisoned upload: with the TCAP filter and without it (exit codes), then `pipeline.run` on
-    the same configs for the figures (every step reused, the gate's verdict included). About 7
-    minutes on 2 idle cores."""
+    the same configs for the figures (every step reused, the gate's verdict included). Trained 5
+    epochs where the demo trains 3: on one machine the 1-thread world learned no backdoor in 3
+    (probe ASR 0.000; the same code had passed on another), and these tests need a backdoor to keep
+    out. About 13 minutes on 2 cores."""
     from dataclasses import replace
 
     from tcapguard.cli import main
@@ -213,6 +215,8 @@ def demo_world_runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("gate-e2e")
     guarded = demo_config(root / "demo", family="gemma3", cache_dir=root / "cache")
+    tuning = replace(guarded.probe, epochs=5)
+    guarded = replace(guarded, probe=tuning, finetune=tuning)
     unguarded = replace(guarded, filter_enabled=False)
     codes = {}
     for name, config in (("guarded", guarded), ("unguarded", unguarded)):
@@ -240,7 +244,7 @@ def test_the_gate_passes_with_the_filter(demo_world_runs):
     assert guarded.metrics_after["detection_f1"] >= 0.9
     assert guarded.metrics_after["asr"] <= config.gate.max_asr
     # The flagged images' hot regions (regions.json) carry the trigger: pasted onto clean test images
-    # they fire the probe's backdoor (measured 0.63 in this 1-thread world, 1.00 in the 2-thread demo;
+    # they fire the probe's backdoor (measured 0.63 in the 1-thread 3-epoch world, 1.00 in the 2-thread demo;
     # 0.00 without the paste) and not the final model's.
     assert Path(guarded.steps["filter"], "regions.json").exists()
     assert guarded.metrics_before["residual_asr_paste"] >= 0.5
