@@ -753,6 +753,10 @@ class TCAPFilter(_PoisonFilter):
             self._tested[key] = member_pvalues(self._columns, givers, random_state=self.random_state)
         return self._tested[key]
 
+    def _set_apart(self, givers: np.ndarray) -> np.ndarray:
+        """The givers whose giver-test p-value is <= ``giver_alpha`` (none when the test is off)."""
+        return self._giver_pvalues(givers) <= (self.giver_alpha or 0)  # NaN (not tested) compares False
+
     def _implausible(
         self,
         ds: DawidSkeneResult,
@@ -798,7 +802,7 @@ class TCAPFilter(_PoisonFilter):
                 )
             if exclusivity < self.min_response_exclusivity:
                 givers = answers == _commonest(answers[flags])
-                apart = self._giver_pvalues(givers) <= (self.giver_alpha or 0)  # NaN compares False
+                apart = self._set_apart(givers)
                 widened = int(((flags | apart) & givers).sum()) / int(givers.sum())
                 tested = self._giver_test_on
                 if tested:
@@ -953,7 +957,7 @@ class TCAPFilter(_PoisonFilter):
                 "scale": scale,
             }
             self.candidates_.append(row)
-            group = givers
+            group, eligible = givers, None
             if n_support < self.min_heads:
                 reason = (
                     f"only {n_support} column(s) separate its givers at AUROC >= {self.answer_seed_auc} "
@@ -965,7 +969,7 @@ class TCAPFilter(_PoisonFilter):
                 n_tests += 1
                 # no column confirms the givers, but all columns read jointly may: the givers that
                 # the giver test sets apart seed the group, and the columns that best separate them vote
-                group = givers & (self._giver_pvalues(givers) <= self.giver_alpha)
+                group, eligible = self._set_apart(givers), givers
                 row["seed"] = "giver test"
                 row["n_set_apart"] = int(group.sum())
                 if group.sum() < self.min_response_exclusivity * givers.sum():
@@ -981,7 +985,7 @@ class TCAPFilter(_PoisonFilter):
             # a giver-test group is read by columns that separate it only in part, whose votes
             # alone would also flag samples that answer otherwise: the answer is the hypothesis
             # here, so the verdict is read among its givers (as restrict_to_target does after it)
-            ds = self._verdict(votes, answers, words, row, givers if "seed" in row else None)
+            ds = self._verdict(votes, answers, words, row, eligible)
             if "rejected" not in row:
                 self.head_support_ = auc[sel]
                 return sel.astype(np.int64), votes, ds, None
