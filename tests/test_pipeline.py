@@ -223,7 +223,14 @@ def demo_world_runs(tmp_path_factory):
         path = root / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         codes[name] = main(["run", str(path)])
-    return guarded, codes, pipeline.run(guarded), pipeline.run(unguarded)
+    guarded_run, unguarded_run = pipeline.run(guarded), pipeline.run(unguarded)
+    probe_asr = unguarded_run.metrics_before["asr"]
+    if probe_asr < 0.5:  # a precondition of both tests, not what they test: say so instead of failing both
+        pytest.fail(
+            f"the gate tests' world learned no backdoor (probe ASR {probe_asr:.3f} on triggered test inputs, "
+            "needs >= 0.5): nothing is left for the filter to keep out. Train the fixture's world longer."
+        )
+    return guarded, codes, guarded_run, unguarded_run
 
 
 @pytest.mark.slow
