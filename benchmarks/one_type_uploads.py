@@ -92,8 +92,8 @@ def main() -> None:
                         "qtype": qtype,
                         "answer": answer,
                         "n": int(keep.size),
+                        "n_givers": int((answers[keep] == answer).sum()),
                     }
-                    row["n_givers"] = int((answers[keep] == answer).sum())
                     for name, params in FILTERS.items():
                         start = time.perf_counter()
                         fitted = TCAPFilter(**params).fit(

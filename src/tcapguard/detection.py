@@ -36,7 +36,7 @@ structure makes clean heads multimodal; a clean upload got two thirds of its sam
   set it apart from the rest of the upload is declined (``max_query_auroc``): poison is planted on
   samples drawn without regard to their question, while a clean answer group is one question type.
   In an upload that is one question type this test cannot decline anything, and a minority answer
-  that the attention predicts is flagged like a target (measured: counting answers thinned to 10%,
+  that the attention predicts is flagged like a target (measured on one-type cuts of clean uploads:
   ``benchmarks/one_type_uploads.py``); ``target_response_`` names what was taken for the target.
 - when no head seeds a backdoor group, the answers seed candidates instead (``answer_seed_auc``):
   every answer that a minority gives, if ``min_heads`` columns separate its givers almost perfectly;
