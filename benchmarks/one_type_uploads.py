@@ -94,11 +94,10 @@ def main() -> None:
                         "n": int(keep.size),
                         "n_givers": int((answers[keep] == answer).sum()),
                     }
+                    texts = {"responses": list(answers[keep]), "queries": [records[i].query for i in keep]}
                     for name, params in FILTERS.items():
                         start = time.perf_counter()
-                        fitted = TCAPFilter(**params).fit(
-                            cut, responses=list(answers[keep]), queries=[records[i].query for i in keep]
-                        )
+                        fitted = TCAPFilter(**params).fit(cut, **texts)
                         flagged = Counter(answers[keep][fitted.labels_.astype(bool)])
                         accepted = [c for c in fitted.candidates_ if c.get("accepted")]
                         row[name] = {

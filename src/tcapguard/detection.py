@@ -607,12 +607,14 @@ class TCAPFilter(_PoisonFilter):
                 search.update(zip(("sel", "votes", "ds", "decline"), found, strict=True))
         self.target_response_ = None
         self.giver_pvalues_ = np.full(n, np.nan)
+        set_apart = np.zeros(n, dtype=bool)
         if reads_texts and answers is not None and search["ds"] is not None and search["decline"] is None:
             self.target_response_ = _commonest(answers[_threshold(search["ds"].posterior, self.threshold)])
             if self.restrict_to_target:
                 eligible = answers == self.target_response_
                 search["ds"] = restrict_positives(search["ds"], search["votes"], eligible)
                 self.giver_pvalues_ = self._giver_pvalues(eligible)
+                set_apart = self._set_apart(eligible)
         del self._columns, self._tested  # the fitted filter need not keep the shares
         self.scale_ = scale
         values, gm, split, sep = search["values"], search["gm"], search["split"], search["sep"]
@@ -648,7 +650,6 @@ class TCAPFilter(_PoisonFilter):
         self.head_reliability_ = {"sensitivity": ds.sensitivity, "specificity": ds.specificity}
         self.poison_prior_ = ds.prior
         self.uncertain_fraction_ = _uncertain_fraction(ds.posterior)
-        set_apart = self.giver_pvalues_ <= (self.giver_alpha or 0)  # NaN (not a giver) compares False
         scores = np.where(set_apart, np.maximum(ds.posterior, 1 - self.giver_pvalues_), ds.posterior)
         by_votes = _threshold(ds.posterior, self.threshold)
         flagged = _threshold(scores, self.threshold)
