@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
+from tcapguard import detection
 from tcapguard.detection import (
     BYEFilter,
     FilterConfig,
@@ -357,6 +358,29 @@ def test_the_giver_test_seeds_an_answer_that_no_column_confirms():
     assert all("the giver test sets apart only" in c["rejected"] for c in clean_answers)
     capped = TCAPFilter(max_candidates=2).fit(profile, responses=responses.tolist(), queries=one_type)
     assert sum("n_set_apart" in c for c in capped.candidates_) == 2
+
+
+def test_a_giver_test_seed_is_judged_by_the_givers_it_sets_apart(monkeypatch):
+    """The measured LLaVA BadNet 5% seed-2 case: the giver test sets apart most of the target's
+    givers, but the columns that best separate them put no vote above the threshold. ``fit``
+    flags the set-apart givers once the answer is the target, so the verdict judges them (here:
+    the columns' votes are stubbed to none, the one way to make them miss on a synthetic upload)."""
+    profile, _, outside, responses = _faint_upload(every=1)
+    others = np.random.default_rng(1).choice([k for k in sorted(PHRASINGS) if k != "count"], len(profile.ids))
+    drawn = phrased_queries(others, seed=1)
+    monkeypatch.setattr(
+        detection, "_class_conditional_votes", lambda x, member, tau, reg: np.zeros(x.shape, dtype=bool)
+    )
+
+    found = TCAPFilter().fit(profile, responses=responses.tolist(), queries=drawn)
+    verdict = next(c for c in found.candidates_ if c.get("accepted"))
+    assert verdict["seed"] == "giver test" and verdict["n_flagged"] == 0
+    assert found.target_response_ == "backdoor attack"
+    assert f1_score(profile.poisoned, found.labels_) == 1.0 and not found.labels_[outside].any()
+    assert found.n_flagged_by_giver_test_ == found.n_flagged_ == profile.poisoned.sum()
+    one_type = phrased_queries(np.where(profile.poisoned, "count", others), seed=1)
+    declined = TCAPFilter().fit(profile, responses=responses.tolist(), queries=one_type)
+    assert declined.n_flagged_ == 0 and "their questions set them apart" in declined.decision_
 
 
 def test_responses_must_match_the_profile():

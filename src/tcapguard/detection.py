@@ -43,7 +43,9 @@ structure makes clean heads multimodal; a clean upload got two thirds of its sam
   those columns vote and the verdict passes the same tests. A head's mixture can miss a group that
   the columns separate (the poison a tight spike at one end of a multimodal clean range). Where no
   column separates an answer's givers that well, the giver test (below) may set most of them apart
-  from all columns at once; those givers are then the candidate group.
+  from all columns at once; those givers are then the candidate group, and its verdict is judged
+  on them with the votes' flags (they are flagged once the answer is the target, whatever the
+  votes of the columns that separate them only in part say).
 - once a verdict passes with the responses, only the samples that give its target response can be
   poisoned (``restrict_to_target``): a poisoned training sample always gives the attacker's target,
   so among the target's givers poison is the majority and the prior is re-estimated there, and no
@@ -604,12 +606,15 @@ class TCAPFilter(_PoisonFilter):
         else:  # the query test is what declines a clean answer group, so answer seeds need the queries
             if answers is not None and words is not None and self.answer_seed_auc is not None:
                 found = self._answer_seeds(search["values"], scale, footprint, answers, words)
-                search.update(zip(("sel", "votes", "ds", "decline"), found, strict=True))
+                search.update(zip(("sel", "votes", "ds", "decline", "target"), found, strict=True))
         self.target_response_ = None
         self.giver_pvalues_ = np.full(n, np.nan)
         set_apart = np.zeros(n, dtype=bool)
         if reads_texts and answers is not None and search["ds"] is not None and search["decline"] is None:
-            self.target_response_ = _commonest(answers[_threshold(search["ds"].posterior, self.threshold)])
+            by_votes = _threshold(search["ds"].posterior, self.threshold)
+            # an answer seed's answer is its hypothesis (a giver-test seed may pass with no vote)
+            target = search["target"]
+            self.target_response_ = _commonest(answers[by_votes]) if target is None else target
             if self.restrict_to_target:
                 eligible = answers == self.target_response_
                 search["ds"] = restrict_positives(search["ds"], search["votes"], eligible)
@@ -732,6 +737,7 @@ class TCAPFilter(_PoisonFilter):
             "votes": votes,
             "ds": ds,
             "decline": decline,
+            "target": None,  # the target response, where the search seeds by one (_answer_seeds)
         }
 
     def _max_voters(self) -> int:
@@ -767,6 +773,7 @@ class TCAPFilter(_PoisonFilter):
         answers: np.ndarray | None,
         words: csr_matrix | None = None,
         measured: dict[str, Any] | None = None,
+        set_apart: np.ndarray | None = None,
     ) -> str | None:
         """Why the aggregated verdict is not a backdoor group (None when it may be one).
 
@@ -776,10 +783,13 @@ class TCAPFilter(_PoisonFilter):
         shares an answer (counting questions about two shapes: "two") fails the second test, since
         the same answer is common outside it. With the queries' ``words``, a group that its
         questions set apart (``max_query_auroc``) is a question type, not poison. The figures
-        the tests read are written into ``measured`` (a candidate's row).
+        the tests read are written into ``measured`` (a candidate's row). ``set_apart``: samples
+        flagged beside the posterior's (a giver-test seed's givers that the test sets apart).
         """
         measured = {} if measured is None else measured
         flags = _threshold(ds.posterior, self.threshold)
+        if set_apart is not None:
+            flags = flags | set_apart
         if answers is not None and flags.any():
             measured["response_agreement"], measured["response_exclusivity"] = _response_signature(
                 answers, flags
@@ -927,7 +937,7 @@ class TCAPFilter(_PoisonFilter):
         footprint: tuple[np.ndarray, np.ndarray],
         answers: np.ndarray,
         words: csr_matrix,
-    ) -> tuple[np.ndarray, np.ndarray, DawidSkeneResult | None, str | None]:
+    ) -> tuple[np.ndarray, np.ndarray, DawidSkeneResult | None, str | None, str | None]:
         """Candidates seeded by the answers: the givers of each answer that a minority gives, if
         ``min_heads`` columns separate them at AUROC >= ``answer_seed_auc``; those columns vote (one
         Gaussian per class on ``values``, the last ``scale`` searched), most-confirmed answer first,
@@ -992,9 +1002,9 @@ class TCAPFilter(_PoisonFilter):
             ds = self._verdict(votes, answers, words, row, eligible)
             if "rejected" not in row:
                 self.head_support_ = auc[sel]
-                return sel.astype(np.int64), votes, ds, None
+                return sel.astype(np.int64), votes, ds, None, str(answer)
         empty = np.zeros(0, dtype=np.int64)
-        return empty, np.zeros((n, 0), dtype=bool), None, self._decline_reason()
+        return empty, np.zeros((n, 0), dtype=bool), None, self._decline_reason(), None
 
     def _group_aurocs(
         self, footprint: tuple[np.ndarray, np.ndarray], group: np.ndarray, n_modelled: int
@@ -1016,12 +1026,16 @@ class TCAPFilter(_PoisonFilter):
         eligible: np.ndarray | None = None,
     ) -> DawidSkeneResult:
         """Dawid-Skene on a candidate's votes (only the ``eligible`` samples positive, if given);
-        ``row`` gets its figures and "accepted" or "rejected"."""
+        ``row`` gets its figures and "accepted" or "rejected". With ``eligible`` (the givers of a
+        giver-test seed's answer), the givers the test sets apart are judged with the flagged
+        samples: ``fit`` flags them whatever the votes say once the answer is the target."""
         ds = self._aggregate(votes)
+        set_apart = None
         if eligible is not None:
             ds = restrict_positives(ds, votes, eligible)
+            set_apart = self._set_apart(eligible)
         row["n_flagged"] = int(_threshold(ds.posterior, self.threshold).sum())
-        reason = self._implausible(ds, answers, words, measured=row)
+        reason = self._implausible(ds, answers, words, measured=row, set_apart=set_apart)
         if reason:
             row["rejected"] = reason
         else:
