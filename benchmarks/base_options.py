@@ -9,9 +9,10 @@ from tcapguard.tinyworld import BaseSpec
 
 
 def add_base_options(parser: argparse.ArgumentParser) -> None:
-    """``--scene-weight``, ``--pretrain-samples``, ``--questions-per-scene`` and ``--instruct-samples``,
-    defaulting to ``BaseSpec``'s own (``--scene-weight 0 --pretrain-samples 32000`` is the earlier
-    default world; ``--instruct-samples 80000`` adds the instruction stage)."""
+    """``--scene-weight``, ``--pretrain-samples``, ``--questions-per-scene``, ``--instruct-samples``
+    and ``--instruct-passes``, defaulting to ``BaseSpec``'s own (``--scene-weight 0
+    --pretrain-samples 32000`` is the earlier default world; ``--instruct-samples 80000`` adds the
+    instruction stage, ``--instruct-passes 2`` splits it into two schedules)."""
     default = BaseSpec()
     parser.add_argument(
         "--scene-weight",
@@ -34,6 +35,12 @@ def add_base_options(parser: argparse.ArgumentParser) -> None:
         default=default.instruct_samples,
         help="BaseSpec.instruct_samples (scenes of the instruction stage; 0: none)",
     )
+    parser.add_argument(
+        "--instruct-passes",
+        type=int,
+        default=default.instruct_passes,
+        help="BaseSpec.instruct_passes (one-epoch schedules the instruction stage's scenes are split into)",
+    )
 
 
 def base_settings(args: argparse.Namespace) -> dict:
@@ -43,6 +50,7 @@ def base_settings(args: argparse.Namespace) -> dict:
         "pretrain_samples": args.pretrain_samples,
         "questions_per_scene": args.questions_per_scene,
         "instruct_samples": args.instruct_samples,
+        "instruct_passes": args.instruct_passes,
     }
 
 

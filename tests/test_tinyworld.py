@@ -125,11 +125,8 @@ def test_failed_base_build_leaves_nothing_behind(small_tiny_config, tmp_path, mo
     assert list(tmp_path.iterdir()) == []
 
 
-def test_instruction_stage_fine_tunes_the_pretrained_base_on_fresh_scenes(
-    small_tiny_config, tmp_path, monkeypatch
-):
-    """Stage two is plain fine-tuning (no auxiliary loss) of the stage-one model on other scenes;
-    the stage-one model is cached as the base of the spec without the stage."""
+def spy_on_training(monkeypatch) -> tuple[list, list]:
+    """Record tinyworld's fine-tunes (data, config, auxiliary loss) and loaded paths; both still run."""
     calls, loaded = [], []
     real_finetune, real_load = tinyworld.finetune, tinyworld.load_model
 
@@ -143,6 +140,15 @@ def test_instruction_stage_fine_tunes_the_pretrained_base_on_fresh_scenes(
 
     monkeypatch.setattr(tinyworld, "finetune", spy)
     monkeypatch.setattr(tinyworld, "load_model", load)
+    return calls, loaded
+
+
+def test_instruction_stage_fine_tunes_the_pretrained_base_on_fresh_scenes(
+    small_tiny_config, tmp_path, monkeypatch
+):
+    """Stage two is plain fine-tuning (no auxiliary loss) of the stage-one model on other scenes;
+    the stage-one model is cached as the base of the spec without the stage."""
+    calls, loaded = spy_on_training(monkeypatch)
     spec = small_spec(small_tiny_config).base
     base = build_base(spec, tmp_path)
     (pretrain, _, auxiliary), (instruct, config, none) = calls
@@ -159,6 +165,22 @@ def test_instruction_stage_fine_tunes_the_pretrained_base_on_fresh_scenes(
     assert json.loads((base / "tcapguard_finetune.json").read_text())["config"] == spec.instruct.to_dict()
     with pytest.raises(ValueError, match="instruct_samples must be >= 0"):
         replace(spec, instruct_samples=-1)
+
+
+def test_instruction_passes_restart_the_schedule_on_fresh_scenes(small_tiny_config, tmp_path, monkeypatch):
+    """Two passes: the one-pass base of half the scenes is cached and tuned again on other scenes."""
+    calls, loaded = spy_on_training(monkeypatch)
+    spec = replace(small_spec(small_tiny_config).base, instruct_samples=64, instruct_passes=2)
+    base = build_base(spec, tmp_path)
+    (_, _, _), (first, _, _), (second, _, _) = calls
+    assert len(first) == len(second) == 32
+    assert not {r.pixels.tobytes() for r in first} & {r.pixels.tobytes() for r in second}
+    monkeypatch.setattr(tinyworld, "finetune", refuse_to_train)
+    one_pass = build_base(replace(spec, instruct_samples=32, instruct_passes=1), tmp_path)  # cached
+    assert loaded[-1] == one_pass and base != one_pass
+    assert len(list(tmp_path.iterdir())) == 3
+    with pytest.raises(ValueError, match="instruct_passes must be >= 1 and divide"):
+        replace(spec, instruct_passes=3)
 
 
 def test_build_world_loads_back_its_datasets(built):
@@ -243,3 +265,6 @@ def test_world_key_ignores_an_absent_instruction_stage():
     assert tinyworld._spec_dict(threads) == tinyworld._spec_dict(spec.base)
     assert "robust" not in tinyworld._spec_dict(spec)["base"]["instruct"]
     assert tinyworld._key(tinyworld._spec_dict(spec)) != tinyworld._key(tinyworld._spec_dict(without))
+    assert "instruct_passes" not in tinyworld._spec_dict(spec)["base"]  # one pass keeps the keys
+    twice = replace(spec, base=replace(spec.base, instruct_passes=2))
+    assert tinyworld._key(tinyworld._spec_dict(twice)) != tinyworld._key(tinyworld._spec_dict(spec))

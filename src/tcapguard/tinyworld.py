@@ -58,7 +58,9 @@ class BaseSpec:
     instruction stage"): it teaches most content lookups of scenes with several shapes, which neither
     twice the first stage nor more questions per scene did (clean accuracy 0.82-0.88 against
     0.72-0.78), but the upload then implants some backdoors less (LLaVA text ASR 0.47 against 1.00),
-    so the default stays without it.
+    so the default stays without it. ``instruct_passes`` > 1 runs the stage as that many one-epoch
+    schedules in a row, each on its own fresh scenes, so the learning rate warms up and decays once
+    per pass; each pass's model is cached as a base of its own.
     """
 
     model: TinyMLLMConfig = field(default_factory=TinyMLLMConfig)
@@ -70,6 +72,7 @@ class BaseSpec:
     scene_weight: float = 1.0
     questions_per_scene: int = 1
     instruct_samples: int = 0
+    instruct_passes: int = 1
     instruct: FinetuneConfig = field(
         default_factory=lambda: FinetuneConfig(method="full", epochs=1, batch_size=16, learning_rate=5e-4)
     )
@@ -79,6 +82,11 @@ class BaseSpec:
         if self.instruct_samples < 0:
             raise ValueError(
                 f"BaseSpec.instruct_samples must be >= 0 (0: no stage), got {self.instruct_samples}"
+            )
+        if self.instruct_passes < 1 or self.instruct_samples % self.instruct_passes:
+            raise ValueError(
+                f"BaseSpec.instruct_passes must be >= 1 and divide instruct_samples "
+                f"({self.instruct_samples}), got {self.instruct_passes}"
             )
         if self.instruct.save != "merged":
             raise ValueError("BaseSpec.instruct.save must be 'merged': the base is a plain model directory")
@@ -124,6 +132,8 @@ def _spec_dict(spec) -> dict:
         base.pop("scene_weight", None)
     if base.get("questions_per_scene", 1) == 1:  # likewise
         base.pop("questions_per_scene", None)
+    if base.get("instruct_passes", 1) == 1:  # likewise
+        base.pop("instruct_passes", None)
     return out
 
 
@@ -205,18 +215,30 @@ def build_base(spec: BaseSpec, cache_dir: str | Path | None = None) -> Path:
     """The pre-trained clean base model directory (built once per spec, then cached).
 
     With an instruction stage, the first stage's model is cached on its own (the base of the same
-    spec without the stage), so specs that differ only in the second stage share the first.
+    spec without the stage), so specs that differ only in the second stage share the first; so is
+    every pass of the stage but the last (the base of the same spec with one pass fewer).
     """
     cache = Path(cache_dir or default_cache_dir())
     final = cache / f"base-{spec.model.family}-{_key(_spec_dict(spec))}"
     if (final / "config.json").exists():
         return final
     if spec.instruct_samples:
-        pretrained = build_base(replace(spec, instruct_samples=0), cache)
+        passes, per_pass = spec.instruct_passes, spec.instruct_samples // spec.instruct_passes
+        earlier = replace(spec, instruct_samples=per_pass * (passes - 1), instruct_passes=max(1, passes - 1))
+        pretrained = build_base(earlier, cache)
 
         def tune(tmp: Path) -> None:
-            data = world.make_split(spec.instruct_samples, seed=spec.seed + 2_000_000, id_prefix="instruct")
-            log.info("instruction-tuning the %s base on %d clean scenes", spec.model.family, len(data))
+            data = world.make_split(
+                per_pass,
+                seed=spec.seed + 2_000_000 + 100_000 * (passes - 1),
+                id_prefix="instruct" if passes == 1 else f"instruct{passes}",
+            )
+            log.info(
+                "instruction-tuning the %s base on %d clean scenes (pass %d)",
+                spec.model.family,
+                len(data),
+                passes,
+            )
             model, processor = load_model(pretrained)
             finetune(model, processor, data, spec.instruct, tmp / "model")
             _publish_model(tmp)
