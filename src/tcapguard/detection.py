@@ -611,10 +611,12 @@ class TCAPFilter(_PoisonFilter):
         self.giver_pvalues_ = np.full(n, np.nan)
         set_apart = np.zeros(n, dtype=bool)
         if reads_texts and answers is not None and search["ds"] is not None and search["decline"] is None:
-            by_votes = _threshold(search["ds"].posterior, self.threshold)
             # an answer seed's answer is its hypothesis (a giver-test seed may pass with no vote)
-            target = search["target"]
-            self.target_response_ = _commonest(answers[by_votes]) if target is None else target
+            self.target_response_ = search["target"]
+            if self.target_response_ is None:
+                self.target_response_ = _commonest(
+                    answers[_threshold(search["ds"].posterior, self.threshold)]
+                )
             if self.restrict_to_target:
                 eligible = answers == self.target_response_
                 search["ds"] = restrict_positives(search["ds"], search["votes"], eligible)
@@ -946,7 +948,8 @@ class TCAPFilter(_PoisonFilter):
         giver test on, an answer that too few columns confirm is seeded by the givers that the test
         sets apart, if they are ``min_response_exclusivity`` of its givers; the columns that
         separate them best vote. Faint poison that no single column separates well is set apart
-        by all columns read jointly."""
+        by all columns read jointly. Returns the columns, votes, verdict and decline reason, and
+        the accepted answer (the target)."""
         n, c = values.shape
         names, counts = np.unique(answers.astype(str), return_counts=True)
         minority = (counts >= max(2, self.min_poison_fraction * n)) & (counts <= self.max_poison_fraction * n)
