@@ -60,7 +60,8 @@ class BaseSpec:
     0.72-0.78), but the upload then implants some backdoors less (LLaVA text ASR 0.47 against 1.00),
     so the default stays without it. ``instruct_passes`` > 1 runs the stage as that many one-epoch
     schedules in a row, each on its own fresh scenes, so the learning rate warms up and decays once
-    per pass; each pass's model is cached as a base of its own.
+    per pass; each pass's model is cached as a base of its own. Two passes of 40,000 (README)
+    gave Gemma3 6-9 points and LLaVA none, with LLaVA's text trigger at ASR 0.28.
     """
 
     model: TinyMLLMConfig = field(default_factory=TinyMLLMConfig)
