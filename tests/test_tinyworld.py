@@ -172,7 +172,7 @@ def test_instruction_passes_restart_the_schedule_on_fresh_scenes(small_tiny_conf
     calls, loaded = spy_on_training(monkeypatch)
     spec = replace(small_spec(small_tiny_config).base, instruct_samples=64, instruct_passes=2)
     base = build_base(spec, tmp_path)
-    (_, _, _), (first, _, _), (second, _, _) = calls
+    _, (first, _, _), (second, _, _) = calls  # the first stage, then the two passes
     assert len(first) == len(second) == 32
     assert not {r.pixels.tobytes() for r in first} & {r.pixels.tobytes() for r in second}
     monkeypatch.setattr(tinyworld, "finetune", refuse_to_train)
