@@ -62,6 +62,7 @@ CANDIDATES = {
     ),
     "tcap+responses/as-voted": (lambda: TCAPFilter(restrict_to_target=False), True),
     "tcap+responses/votes-only": (lambda: TCAPFilter(giver_alpha=None), True),
+    "tcap+responses/per-giver": (lambda: TCAPFilter(giver_error="per_giver"), True),
 }
 ALL_FILTERS = {**FILTERS, **CANDIDATES}
 

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/one_type_uploads.py               # the cached clean worlds, seed 0
     .venv/bin/python benchmarks/one_type_uploads.py --family gemma3 --seeds 0 1 --share 0.05
+    .venv/bin/python benchmarks/one_type_uploads.py --qtypes count color --filters tcap+responses
 
 The case the query test cannot guard. A backdoor's poison is drawn at random from the upload, so
 its questions look like everyone else's; a clean answer group is usually one question type, and
@@ -58,6 +59,8 @@ def main() -> None:
     parser.add_argument("--family", nargs="+", default=["gemma3", "llava"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--share", type=float, default=0.1, help="the thinned answer's share of the cut")
+    parser.add_argument("--qtypes", nargs="+", default=None, help="only these question types (default: all)")
+    parser.add_argument("--filters", nargs="+", default=list(FILTERS), choices=list(FILTERS))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     add_base_options(parser)
     parser.add_argument("--out", default="benchmarks/results/one_type_uploads.json")
@@ -77,7 +80,7 @@ def main() -> None:
                 raise RuntimeError(f"{world.root}: the profile's rows are not the upload's records")
             qtypes = np.array([r.extra["qtype"] for r in records])
             answers = np.array([r.response for r in records], dtype=object)
-            for qtype in sorted(set(qtypes)):
+            for qtype in sorted(set(qtypes) & set(args.qtypes or qtypes)):
                 for answer in sorted(set(answers[qtypes == qtype])):
                     keep = thinned(qtypes, answers, qtype, answer, args.share, seed)
                     cut = Profile(
@@ -95,7 +98,8 @@ def main() -> None:
                         "n_givers": int((answers[keep] == answer).sum()),
                     }
                     texts = {"responses": list(answers[keep]), "queries": [records[i].query for i in keep]}
-                    for name, params in FILTERS.items():
+                    for name in args.filters:
+                        params = FILTERS[name]
                         start = time.perf_counter()
                         fitted = TCAPFilter(**params).fit(cut, **texts)
                         flagged = Counter(answers[keep][fitted.labels_.astype(bool)])
@@ -112,7 +116,7 @@ def main() -> None:
                         f"{family:7s} {seed} {qtype:9s} {answer:13s} {row['n_givers']:3d}/{row['n']:3d}  "
                         + "  ".join(
                             f"{name} {row[name]['n_flagged']:3d} {row[name]['flagged_answers']}"
-                            for name in FILTERS
+                            for name in args.filters
                         ),
                         flush=True,
                     )

@@ -2,9 +2,10 @@
 
 import numpy as np
 import pytest
+from scipy.stats import false_discovery_control
 
 from tcapguard import conformal
-from tcapguard.conformal import member_pvalues
+from tcapguard.conformal import member_pvalues, storey_qvalues
 
 
 def _upload(n=1500, d=40, n_members=150, shift=1.0, seed=0):
@@ -52,3 +53,38 @@ def test_too_few_to_fold_is_no_evidence():
 def test_shapes_are_checked():
     with pytest.raises(ValueError, match=r"features must be \[n_samples, n_columns\]"):
         member_pvalues(np.zeros((10, 2)), np.zeros(9, dtype=bool))
+
+
+def test_qvalues_of_a_group_that_is_all_signal_reject_it_whole():
+    """The measured LLaVA Blend 5% case: 80-87 of 100 poisoned givers at p <= 0.01, the rest
+    spread up to 0.49, none above 0.5. The null share is estimated near 0, so every q-value falls
+    below 0.01, where a per-giver threshold of 0.01 keeps 13-20 of them."""
+    p = np.concatenate([np.full(85, 0.0005), np.linspace(0.011, 0.49, 15)])
+    q, share = storey_qvalues(p)
+    assert share == pytest.approx(1 / 50)  # (1 + 0 above 0.5) / (100 * 0.5)
+    assert (q <= 0.01).all() and (p <= 0.01).sum() == 85
+
+
+def test_qvalues_of_uniform_pvalues_are_benjamini_hochberg():
+    """All nulls: the share is capped at 1, the q-values are the BH adjustment, and at a 1%
+    false discovery rate nothing is rejected."""
+    p = np.random.default_rng(0).uniform(size=400)
+    q, share = storey_qvalues(p)
+    assert share == 1.0
+    np.testing.assert_allclose(q, false_discovery_control(p, method="bh"))
+    assert not (q <= 0.01).any()
+
+
+def test_qvalues_of_a_mixed_group_keep_most_nulls_out():
+    """100 signals and 40 nulls: the share estimate is near 40/140 and the nulls rejected stay few."""
+    rng = np.random.default_rng(1)
+    p = np.concatenate([np.full(100, 0.0005), rng.uniform(size=40)])
+    q, share = storey_qvalues(p)
+    assert 0.15 < share < 0.45
+    assert (q[:100] <= 0.01).all() and (q[100:] <= 0.01).sum() <= 2
+
+
+@pytest.mark.parametrize("bad", [[0.5, np.nan], [0.0, 0.3], [1.2], [[0.1, 0.2]]])
+def test_qvalues_refuse_what_is_not_a_pvalue(bad):
+    with pytest.raises(ValueError, match="p-values in"):
+        storey_qvalues(np.array(bad))

@@ -154,6 +154,7 @@ def test_tcap_names_the_first_nan(poisoned):
         ({"min_poison_fraction": 0.5}, "min_poison_fraction"),
         ({"scale": "log"}, "scale"),
         ({"giver_alpha": 0.5}, "giver_alpha"),
+        ({"giver_error": "fwer"}, "giver_error"),
     ],
 )
 def test_tcap_rejects_bad_options(poisoned, kwargs, match):
@@ -208,7 +209,7 @@ def test_reports_and_plots(tmp_path, fitted):
     assert rep["n_flagged"] == fitted.n_flagged_ and len(rep["heads"]) == len(fitted.heads_)
     assert {"sensitivity", "specificity", "layer", "head", "separation"} <= set(rep["heads"][0])
     rows = Path(write_flagged_table(fitted, tmp_path / "flagged.csv")).read_text().splitlines()
-    assert rows[0] == "id,score,votes,giver_pvalue" and len(rows) == fitted.n_flagged_ + 1
+    assert rows[0] == "id,score,votes,giver_pvalue,giver_qvalue" and len(rows) == fitted.n_flagged_ + 1
     assert float(rows[1].split(",")[1]) >= float(rows[-1].split(",")[1]) > 0.5
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -296,31 +297,61 @@ def test_the_giver_test_finds_poison_the_votes_miss():
     Dawid-Skene counts those votes as independent evidence against them. An eighth of the poison
     here moves the system share by 1.5 (not 4) in the poison heads: no head votes for them, but a
     classifier of all the shares, givers against the rest, ranks them above the reference; the
-    clean samples that give the target look like the reference and stay unflagged."""
+    clean samples that give the target look like the reference and stay unflagged, but for what
+    the false discovery rate allows (giver_alpha of the flags)."""
     profile, faint, outside, responses = _faint_upload(every=8)
 
     votes_only = TCAPFilter(giver_alpha=None).fit(profile, responses=responses.tolist())
     assert not votes_only.labels_[faint].any() and np.isnan(votes_only.giver_pvalues_).all()
     found = TCAPFilter().fit(profile, responses=responses.tolist())
-    assert found.labels_[faint].all() and not found.labels_[outside].any()
-    assert found.n_flagged_by_giver_test_ == faint.size and "more by the giver test" in found.decision_
+    assert found.labels_[faint].all() and found.labels_[outside].sum() <= found.giver_alpha * found.n_flagged_
+    assert 0.02 < found.clean_giver_share_ < 0.15  # 10 clean of 210 givers
+    by_test = faint.size + found.labels_[outside].sum()
+    assert found.n_flagged_by_giver_test_ == by_test and "more by the giver test" in found.decision_
     assert (found.scores_[faint] >= 1 - found.giver_alpha).all()
     givers = responses == "backdoor attack"
     assert np.isfinite(found.giver_pvalues_[givers]).all() and np.isnan(found.giver_pvalues_[~givers]).all()
+    assert np.isfinite(found.giver_qvalues_[givers]).all() and np.isnan(found.giver_qvalues_[~givers]).all()
+
+
+def test_the_giver_test_flags_a_group_whose_pvalues_are_all_small_whole():
+    """The measured LLaVA Blend 5% case: the classifier sets most poisoned givers apart at p <=
+    0.01 and the rest at p up to about 0.5, while no giver looks like the reference (none above
+    0.5). A fifth of the poison here is a clean sample's shares moved 10-40% of the way to its
+    own: a per-giver threshold of 0.01 misses some of them; read as a group (Storey's q-values)
+    the givers hold almost no clean sample, and all are flagged, nothing else."""
+    profile = make_profile(rate=0.1, seed=1)
+    rng = np.random.default_rng(0)
+    faint = np.flatnonzero(profile.poisoned)[::5]
+    donors = rng.choice(np.flatnonzero(~profile.poisoned), faint.size, replace=False)
+    w = np.linspace(0.1, 0.4, faint.size)[:, None, None, None]
+    profile.shares[faint] = (1 - w) * profile.shares[donors] + w * profile.shares[faint]
+    responses = np.array([f"answer {i % 7}" for i in range(len(profile.ids))], dtype=object)
+    responses[profile.poisoned] = "backdoor attack"
+
+    found = TCAPFilter().fit(profile, responses=responses.tolist())
+    np.testing.assert_array_equal(found.labels_.astype(bool), profile.poisoned)
+    assert found.clean_giver_share_ < 0.05 and "clean share of the target's givers at 1%" in found.decision_
+    per_giver = TCAPFilter(giver_error="per_giver").fit(profile, responses=responses.tolist())
+    missed = profile.poisoned & ~per_giver.labels_.astype(bool)
+    assert missed.sum() >= 5 and (per_giver.giver_pvalues_[missed] > per_giver.giver_alpha).all()
+    assert not per_giver.labels_[~profile.poisoned].any()
 
 
 def test_the_giver_test_widens_a_group_the_votes_found_in_part():
     """The measured LLaVA SIG and BadNet seed-6 cases: the votes find only part of the poison (here
     half is faint), so only half of the target's givers are flagged and the exclusivity test, read
     on the votes alone, declines. The giver test sets the faint half apart too, so the group holds
-    95% of the givers and passes; the clean givers stay out."""
+    95% of the givers and passes; the clean givers stay out, but for what the false discovery rate
+    allows."""
     profile, faint, outside, responses = _faint_upload(every=2)
 
     votes_only = TCAPFilter(giver_alpha=None).fit(profile, responses=responses.tolist())
     assert votes_only.n_flagged_ == 0 and "common outside them" in votes_only.decision_
     assert not any("giver_exclusivity" in c for c in votes_only.candidates_)
     found = TCAPFilter().fit(profile, responses=responses.tolist())
-    assert f1_score(profile.poisoned, found.labels_) >= 0.99 and not found.labels_[outside].any()
+    assert f1_score(profile.poisoned, found.labels_) >= 0.99
+    assert found.labels_[outside].sum() <= found.giver_alpha * found.n_flagged_ + 1
     assert found.labels_[faint].mean() >= 0.95
     verdict = next(c for c in found.candidates_ if c.get("accepted"))
     assert verdict["response_exclusivity"] < 0.8 <= verdict["giver_exclusivity"]
@@ -333,8 +364,10 @@ def test_the_giver_test_seeds_an_answer_that_no_column_confirms():
     """The measured LLaVA BadNet and Gemma3 Blend cases: all the poison is faint, so no head seeds
     its group and no column separates the target's givers at AUROC 0.99; the candidates seeded by
     the answers then ask the giver test, which sets apart exactly the poisoned givers (not the 10
-    clean ones) and seeds the group. Clean answers that the attention does not predict are set
-    apart at the test's level, and a poisoned group of one question type is declined as before."""
+    clean ones) and seeds the group; once the answer is the target, the flags on its givers let
+    through no more clean ones than the false discovery rate allows. Clean answers that the
+    attention does not predict are set apart at the test's level, and a poisoned group of one
+    question type is declined as before."""
     profile, _, outside, responses = _faint_upload(every=1)
     n = len(profile.ids)
     others = np.random.default_rng(1).choice([k for k in sorted(PHRASINGS) if k != "count"], n)
@@ -343,7 +376,8 @@ def test_the_giver_test_seeds_an_answer_that_no_column_confirms():
     votes_only = TCAPFilter(giver_alpha=None).fit(profile, responses=responses.tolist(), queries=drawn)
     assert votes_only.n_flagged_ == 0 and votes_only.declined_
     found = TCAPFilter().fit(profile, responses=responses.tolist(), queries=drawn)
-    assert f1_score(profile.poisoned, found.labels_) == 1.0 and not found.labels_[outside].any()
+    assert found.labels_[profile.poisoned].all()
+    assert found.labels_[outside].sum() <= found.giver_alpha * found.n_flagged_
     verdict = next(c for c in found.candidates_ if c.get("accepted"))
     assert verdict["answer"] == "backdoor attack" and verdict["seed"] == "giver test"
     assert verdict["support"] < 3 and verdict["n_set_apart"] == profile.poisoned.sum()
@@ -376,8 +410,9 @@ def test_a_giver_test_seed_is_judged_by_the_givers_it_sets_apart(monkeypatch):
     verdict = next(c for c in found.candidates_ if c.get("accepted"))
     assert verdict["seed"] == "giver test" and verdict["n_flagged"] == 0
     assert found.target_response_ == "backdoor attack"
-    assert f1_score(profile.poisoned, found.labels_) == 1.0 and not found.labels_[outside].any()
-    assert found.n_flagged_by_giver_test_ == found.n_flagged_ == profile.poisoned.sum()
+    assert found.labels_[profile.poisoned].all()
+    assert found.labels_[outside].sum() <= found.giver_alpha * found.n_flagged_
+    assert found.n_flagged_by_giver_test_ == found.n_flagged_
     one_type = phrased_queries(np.where(profile.poisoned, "count", others), seed=1)
     declined = TCAPFilter().fit(profile, responses=responses.tolist(), queries=one_type)
     assert declined.n_flagged_ == 0 and "their questions set them apart" in declined.decision_

@@ -8,11 +8,18 @@ the rest learns the trigger's signature from all head shares at once; scored out
 that carries the signature ranks above nearly every reference sample, while a clean giver is
 exchangeable with the reference and its p-value is uniform. This reads many correlated heads
 jointly, where per-head votes count the same evidence several times over.
+
+Which of the target's givers to flag is then a multiple-testing question: ``storey_qvalues``
+turns their p-values into q-values (Storey's estimate of the share of true nulls, the clean
+givers, times the Benjamini-Hochberg adjustment), so that a group the p-values say is nearly all
+poison is flagged nearly whole, while the clean givers of a mixed group stay out at the chosen
+false discovery rate.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import false_discovery_control
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
@@ -21,6 +28,7 @@ from sklearn.preprocessing import StandardScaler
 N_SPLITS = 5
 MAX_PER_CLASS = 5000  # training samples per side: keeps 100k x 3,072-column profiles to seconds
 REGULARIZATION = 0.1  # LogisticRegression's C on standardised columns (0.01-1 measured alike)
+NULL_LAMBDA = 0.5  # Storey's lambda: p-values above it are counted as nulls
 
 
 def member_pvalues(
@@ -71,3 +79,21 @@ def member_pvalues(
     at_least = ref.size - np.searchsorted(ref, scores[inside], side="left")
     pvalues[inside] = (1 + at_least) / (1 + ref.size)
     return pvalues
+
+
+def storey_qvalues(pvalues: np.ndarray, *, null_lambda: float = NULL_LAMBDA) -> tuple[np.ndarray, float]:
+    """Storey's q-values of ``pvalues`` (finite, in (0, 1]) and the estimated share of nulls.
+
+    The null share is ``(1 + #(p > null_lambda)) / (m * (1 - null_lambda))``, capped at 1 (the
+    conservative estimate of Storey, Taylor and Siegmund 2004); the q-values are the
+    Benjamini-Hochberg adjusted p-values times it. Rejecting ``q <= level`` controls the false
+    discovery rate at ``level``; with every p-value small the share is near 0 and nearly all are
+    rejected, with none small it is 1 and this is plain Benjamini-Hochberg.
+    """
+    p = np.asarray(pvalues, dtype=float)
+    if p.ndim != 1 or not np.isfinite(p).all() or (p <= 0).any() or (p > 1).any():
+        raise ValueError("storey_qvalues needs a 1-D array of p-values in (0, 1]")
+    if p.size == 0:
+        return p.copy(), 1.0
+    null_share = min(1.0, (1 + int(np.sum(p > null_lambda))) / (p.size * (1 - null_lambda)))
+    return null_share * false_discovery_control(p, method="bh"), null_share

@@ -52,8 +52,10 @@ structure makes clean heads multimodal; a clean upload got two thirds of its sam
   vote makes a sample that answers otherwise poisoned. A giver is also flagged when a classifier of
   all its head shares, trained out of fold on givers against the rest, sets it apart from the rest
   (``giver_alpha``, a conformal p-value): the heads are correlated, so their votes can outvote a
-  poisoned giver that a few of them miss. The same test widens the exclusivity test: givers of the
-  group's answer that it sets apart count as the group's.
+  poisoned giver that a few of them miss; which givers it flags is decided at a false discovery
+  rate (Storey's q-values), so a group whose p-values are all small is flagged whole. The same
+  test widens the exclusivity test: givers of the group's answer that it sets apart (p-value <=
+  ``giver_alpha``) count as the group's.
 The paper's own reading stays available (``split_rule="paper"``, ``head_selection="top"``).
 
 BYE (NeurIPS 2025): per layer a 2-component mixture of the vision-attention entropy; a layer is
@@ -75,7 +77,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from tcapguard.config import StepConfig
-from tcapguard.conformal import member_pvalues
+from tcapguard.conformal import member_pvalues, storey_qvalues
 from tcapguard.mixtures import GaussianMixture1D
 from tcapguard.voting import DawidSkeneResult, dawid_skene, restrict_positives
 
@@ -426,16 +428,26 @@ class TCAPFilter(_PoisonFilter):
             posterior as it is.
         giver_alpha: with ``restrict_to_target``: a giver of the target is flagged as well when a
             cross-validated classifier of all its head shares sets it apart from the samples that
-            answer otherwise (``conformal.member_pvalues``: p-value <= giver_alpha, kept in
-            ``giver_pvalues_``; its score becomes max(posterior, 1 - p)). The heads vote as if
-            independent, so a poisoned giver that few of them catch is outvoted; the classifier
-            reads them jointly, and a clean giver, which looks like the reference, passes with
-            probability giver_alpha. The exclusivity test counts the givers it sets apart as the
+            answer otherwise (``conformal.member_pvalues``, kept in ``giver_pvalues_``), at a
+            false discovery rate of giver_alpha over the target's givers (Storey's q-value <=
+            giver_alpha, kept in ``giver_qvalues_``, with the estimated clean share of the givers
+            in ``clean_giver_share_``; its score becomes max(posterior, 1 - q)). The heads vote as
+            if independent, so a poisoned giver that few of them catch is outvoted; the classifier
+            reads them jointly, and a clean giver, which looks like the reference, has a uniform
+            p-value; when the p-values say the givers are nearly all poison, nearly all are
+            flagged (measured in two LLaVA Blend 5% worlds: 80 and 87 of 100 poisoned givers at
+            p <= 0.01, the rest at 0.01-0.49). In the candidate search a giver counts as set apart
+            at p-value <= giver_alpha. The exclusivity test counts the givers it sets apart as the
             group's too (a group the votes found only in part: its other givers are poison that
             the votes missed). The givers of a clean answer can be set apart as well (an answer
             follows from its question and image: counting answers are, in the tiny worlds), so
             the query test reads the widened group and declines a question type; the widened group
             must also stay within ``max_poison_fraction``. None: the votes alone.
+        giver_error: what ``giver_alpha`` bounds when the target's givers are flagged: "fdr" (the
+            false discovery rate over them, above) or "per_giver" (each giver's p-value <=
+            giver_alpha, the rule before "fdr": a clean giver is flagged with probability
+            giver_alpha, and poisoned givers the classifier sets apart only in part are missed;
+            the score of a flagged giver is then max(posterior, 1 - p)).
         vote_threshold: responsibility above which a head votes poisoned (the paper's tau).
         prior_strength: Beta(a, b) prior on the poison prior in Dawid-Skene.
         max_uncertain: decline when more than this share of samples has a posterior in (0.1, 0.9).
@@ -467,6 +479,7 @@ class TCAPFilter(_PoisonFilter):
         answer_seed_auc: float | None = 0.99,
         restrict_to_target: bool = True,
         giver_alpha: float | None = 0.01,
+        giver_error: str = "fdr",
         vote_threshold: float = 0.5,
         prior_strength: tuple[float, float] = (1.0, 4.0),
         max_uncertain: float = 0.05,
@@ -500,6 +513,7 @@ class TCAPFilter(_PoisonFilter):
         self.answer_seed_auc = answer_seed_auc
         self.restrict_to_target = restrict_to_target
         self.giver_alpha = giver_alpha
+        self.giver_error = giver_error
         self.vote_threshold = vote_threshold
         self.prior_strength = prior_strength
         self.max_uncertain = max_uncertain
@@ -520,6 +534,7 @@ class TCAPFilter(_PoisonFilter):
 
         one_of("feature", (*FEATURES, "all", "auto"))
         one_of("split_rule", ("extreme", "paper"))
+        one_of("giver_error", ("fdr", "per_giver"))
         one_of("scale", ("linear", "logit", "auto"))
         one_of("head_selection", ("support", "top"))
         if not (self.n_heads == "auto" or (isinstance(self.n_heads, int) and self.n_heads >= 1)):
@@ -609,6 +624,8 @@ class TCAPFilter(_PoisonFilter):
                 search.update(zip(("sel", "votes", "ds", "decline", "target"), found, strict=True))
         self.target_response_ = None
         self.giver_pvalues_ = np.full(n, np.nan)
+        self.giver_qvalues_ = np.full(n, np.nan)
+        self.clean_giver_share_: float | None = None
         set_apart = np.zeros(n, dtype=bool)
         if reads_texts and answers is not None and search["ds"] is not None and search["decline"] is None:
             # an answer seed's answer is its hypothesis (a giver-test seed may pass with no vote)
@@ -621,7 +638,9 @@ class TCAPFilter(_PoisonFilter):
                 eligible = answers == self.target_response_
                 search["ds"] = restrict_positives(search["ds"], search["votes"], eligible)
                 self.giver_pvalues_ = self._giver_pvalues(eligible)
-                set_apart = self._set_apart(eligible)
+                set_apart = self._flag_givers(eligible)
+                if self.giver_error == "per_giver":
+                    set_apart = self._set_apart(eligible)
         del self._columns, self._tested  # the fitted filter need not keep the shares
         self.scale_ = scale
         values, gm, split, sep = search["values"], search["gm"], search["split"], search["sep"]
@@ -657,7 +676,8 @@ class TCAPFilter(_PoisonFilter):
         self.head_reliability_ = {"sensitivity": ds.sensitivity, "specificity": ds.specificity}
         self.poison_prior_ = ds.prior
         self.uncertain_fraction_ = _uncertain_fraction(ds.posterior)
-        scores = np.where(set_apart, np.maximum(ds.posterior, 1 - self.giver_pvalues_), ds.posterior)
+        error = self.giver_qvalues_ if self.giver_error == "fdr" else self.giver_pvalues_
+        scores = np.where(set_apart, np.maximum(ds.posterior, 1 - error), ds.posterior)
         by_votes = _threshold(ds.posterior, self.threshold)
         flagged = _threshold(scores, self.threshold)
         self.n_flagged_by_giver_test_ = int((flagged & ~by_votes).sum())  # 0 when declined: no target
@@ -666,7 +686,12 @@ class TCAPFilter(_PoisonFilter):
             decline=decline,
             decision=f"{int(flagged.sum())} of {n} samples flagged: {int(by_votes.sum())} by the votes of "
             f"{sel.size} head(s) (poison prior {ds.prior:.2%})"
-            + (f", {self.n_flagged_by_giver_test_} more by the giver test" if set_apart.any() else "")
+            + (
+                f", {self.n_flagged_by_giver_test_} more by the giver test (its p-values put the clean "
+                f"share of the target's givers at {self.clean_giver_share_:.0%})"
+                if set_apart.any()
+                else ""
+            )
             + (f"; target response {self.target_response_!r}" if self.target_response_ is not None else ""),
         )
         return self
@@ -768,6 +793,21 @@ class TCAPFilter(_PoisonFilter):
     def _set_apart(self, givers: np.ndarray) -> np.ndarray:
         """The givers whose giver-test p-value is <= ``giver_alpha`` (none when the test is off)."""
         return self._giver_pvalues(givers) <= (self.giver_alpha or 0)  # NaN (not tested) compares False
+
+    def _flag_givers(self, givers: np.ndarray) -> np.ndarray:
+        """Which of the target's ``givers`` the giver test flags: q-value <= ``giver_alpha``
+        (``storey_qvalues``; kept in ``giver_qvalues_`` and ``clean_giver_share_``), a false
+        discovery rate over the group rather than ``_set_apart``'s per-giver threshold. The
+        candidate search asks whether a group is a backdoor's, and keeps the per-giver threshold
+        (an adaptive one would take a clean answer whose givers all look a little alike as wholly
+        set apart); once the target is known, the question is which givers are poison, and a group
+        whose p-values are all small is (nearly) all poison."""
+        tested = np.flatnonzero(np.isfinite(self.giver_pvalues_) & givers)
+        if tested.size == 0:
+            return np.zeros(givers.size, dtype=bool)
+        qvalues, self.clean_giver_share_ = storey_qvalues(self.giver_pvalues_[tested])
+        self.giver_qvalues_[tested] = qvalues
+        return self.giver_qvalues_ <= (self.giver_alpha or 0)  # NaN (not tested) compares False
 
     def _implausible(
         self,
@@ -1195,6 +1235,7 @@ class FilterConfig(StepConfig):
     answer_seed_auc: float | None = 0.99
     restrict_to_target: bool = True
     giver_alpha: float | None = 0.01
+    giver_error: str = "fdr"
     use_responses: bool = True  # pass the upload's responses and queries to fit: README, The filter
     vote_threshold: float = 0.5
     prior_strength: tuple[float, float] = (1.0, 4.0)

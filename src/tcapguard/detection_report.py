@@ -133,6 +133,7 @@ def report(filt: TCAPFilter | BYEFilter) -> dict:
         out["poison_prior"] = filt.poison_prior_
         out["target_response"] = filt.target_response_
         out["n_flagged_by_giver_test"] = filt.n_flagged_by_giver_test_
+        out["clean_giver_share"] = filt.clean_giver_share_
         out["uncertain_fraction"] = filt.uncertain_fraction_
         out["candidates"] = filt.candidates_
         out["n_unconverged_mixtures"] = filt.n_unconverged_
@@ -150,19 +151,20 @@ def write_report(filt: TCAPFilter | BYEFilter, dest: str | Path) -> str:
 
 def write_flagged_table(filt: TCAPFilter | BYEFilter, dest: str | Path) -> str:
     """CSV of the flagged samples, most suspicious first: id, score (``scores_``: the posterior, or
-    1 - p for a giver the giver test flagged), votes (heads voting poison), giver_pvalue (TCAP with
-    a target response; empty otherwise)."""
+    1 - q for a giver the giver test flagged), votes (heads voting poison), giver_pvalue and
+    giver_qvalue (TCAP with a target response; empty otherwise)."""
     _check_fitted(filt)
     n = filt.scores_.size
     ids = filt.ids_ if filt.ids_ is not None else [str(i) for i in range(n)]
     tcap = isinstance(filt, TCAPFilter)
     votes = filt.votes_.sum(axis=1) if tcap else np.zeros(n, dtype=int)
     pvalues = filt.giver_pvalues_ if tcap else np.full(n, np.nan)
+    qvalues = filt.giver_qvalues_ if tcap else np.full(n, np.nan)
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["id", "score", "votes", "giver_pvalue"])
+    writer.writerow(["id", "score", "votes", "giver_pvalue", "giver_qvalue"])
     for i in np.flatnonzero(filt.labels_)[np.argsort(-filt.scores_[filt.labels_], kind="stable")]:
-        p = "" if np.isnan(pvalues[i]) else f"{pvalues[i]:.6f}"
-        writer.writerow([ids[i], f"{filt.scores_[i]:.6f}", int(votes[i]), p])
+        p, q = ("" if np.isnan(v[i]) else f"{v[i]:.6f}" for v in (pvalues, qvalues))
+        writer.writerow([ids[i], f"{filt.scores_[i]:.6f}", int(votes[i]), p, q])
     write_bytes(dest, buf.getvalue().encode())
     return str(dest)

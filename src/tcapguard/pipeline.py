@@ -278,7 +278,7 @@ class FilterResult:
     clean_train: str  # the upload without the flagged records (same format)
     detection: str  # ids, flags, scores (evaluation's Detection format)
     report: str  # JSON: parameters, selected heads, reliabilities, counts
-    flagged_table: str  # CSV: id, score, votes, giver_pvalue
+    flagged_table: str  # CSV: id, score, votes, giver_pvalue, giver_qvalue
     plots: list[str]
     regions: str | None  # JSON: suspected trigger region per localised flagged image (residual ASR)
     n_flagged: int
