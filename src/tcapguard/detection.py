@@ -638,9 +638,8 @@ class TCAPFilter(_PoisonFilter):
                 eligible = answers == self.target_response_
                 search["ds"] = restrict_positives(search["ds"], search["votes"], eligible)
                 self.giver_pvalues_ = self._giver_pvalues(eligible)
+                self.giver_qvalues_, self.clean_giver_share_ = self._giver_qvalues(eligible)
                 set_apart = self._flag_givers(eligible)
-                if self.giver_error == "per_giver":
-                    set_apart = self._set_apart(eligible)
         del self._columns, self._tested  # the fitted filter need not keep the shares
         self.scale_ = scale
         values, gm, split, sep = search["values"], search["gm"], search["split"], search["sep"]
@@ -794,20 +793,27 @@ class TCAPFilter(_PoisonFilter):
         """The givers whose giver-test p-value is <= ``giver_alpha`` (none when the test is off)."""
         return self._giver_pvalues(givers) <= (self.giver_alpha or 0)  # NaN (not tested) compares False
 
-    def _flag_givers(self, givers: np.ndarray) -> np.ndarray:
-        """Which of the target's ``givers`` the giver test flags: q-value <= ``giver_alpha``
-        (``storey_qvalues``; kept in ``giver_qvalues_`` and ``clean_giver_share_``), a false
-        discovery rate over the group rather than ``_set_apart``'s per-giver threshold. The
-        candidate search asks whether a group is a backdoor's, and keeps the per-giver threshold
-        (an adaptive one would take a clean answer whose givers all look a little alike as wholly
-        set apart); once the target is known, the question is which givers are poison, and a group
-        whose p-values are all small is (nearly) all poison."""
-        tested = np.flatnonzero(np.isfinite(self.giver_pvalues_) & givers)
+    def _giver_qvalues(self, givers: np.ndarray) -> tuple[np.ndarray, float | None]:
+        """Storey's q-values of the giver test's p-values over ``givers`` (NaN for everyone else)
+        and the estimated clean share of them (None when nothing was tested)."""
+        pvalues = self._giver_pvalues(givers)
+        qvalues = np.full(givers.size, np.nan)
+        tested = np.flatnonzero(np.isfinite(pvalues) & givers)
         if tested.size == 0:
-            return np.zeros(givers.size, dtype=bool)
-        qvalues, self.clean_giver_share_ = storey_qvalues(self.giver_pvalues_[tested])
-        self.giver_qvalues_[tested] = qvalues
-        return self.giver_qvalues_ <= (self.giver_alpha or 0)  # NaN (not tested) compares False
+            return qvalues, None
+        qvalues[tested], share = storey_qvalues(pvalues[tested])
+        return qvalues, share
+
+    def _flag_givers(self, givers: np.ndarray) -> np.ndarray:
+        """Which of the target's ``givers`` the giver test flags: q-value <= ``giver_alpha`` (a
+        false discovery rate over the group) or, with ``giver_error="per_giver"``, ``_set_apart``.
+        The candidate search keeps the per-giver rule: it asks whether a group is a backdoor's,
+        and read at a false discovery rate a clean answer whose givers all look a little alike is
+        set apart whole (measured on one-type cuts: every colour and shape answer of a Gemma3
+        upload); once the target is known, the question is which givers are poison."""
+        if self.giver_error == "per_giver":
+            return self._set_apart(givers)
+        return self._giver_qvalues(givers)[0] <= (self.giver_alpha or 0)  # NaN compares False
 
     def _implausible(
         self,
