@@ -351,6 +351,7 @@ def test_the_giver_test_widens_a_group_the_votes_found_in_part():
     assert not any("giver_exclusivity" in c for c in votes_only.candidates_)
     found = TCAPFilter().fit(profile, responses=responses.tolist())
     assert f1_score(profile.poisoned, found.labels_) >= 0.99
+    # the FDR bounds an expectation, so one draw may pass it by a sample (here 3 of 203)
     assert found.labels_[outside].sum() <= found.giver_alpha * found.n_flagged_ + 1
     assert found.labels_[faint].mean() >= 0.95
     verdict = next(c for c in found.candidates_ if c.get("accepted"))
