@@ -626,7 +626,6 @@ class TCAPFilter(_PoisonFilter):
         self.giver_pvalues_ = np.full(n, np.nan)
         self.giver_qvalues_ = np.full(n, np.nan)
         self.clean_giver_share_: float | None = None
-        set_apart = np.zeros(n, dtype=bool)
         if reads_texts and answers is not None and search["ds"] is not None and search["decline"] is None:
             # an answer seed's answer is its hypothesis (a giver-test seed may pass with no vote)
             self.target_response_ = search["target"]
@@ -639,7 +638,6 @@ class TCAPFilter(_PoisonFilter):
                 search["ds"] = restrict_positives(search["ds"], search["votes"], eligible)
                 self.giver_pvalues_ = self._giver_pvalues(eligible)
                 self.giver_qvalues_, self.clean_giver_share_ = self._giver_qvalues(eligible)
-                set_apart = self._flag_givers(eligible)
         del self._columns, self._tested  # the fitted filter need not keep the shares
         self.scale_ = scale
         values, gm, split, sep = search["values"], search["gm"], search["split"], search["sep"]
@@ -675,7 +673,12 @@ class TCAPFilter(_PoisonFilter):
         self.head_reliability_ = {"sensitivity": ds.sensitivity, "specificity": ds.specificity}
         self.poison_prior_ = ds.prior
         self.uncertain_fraction_ = _uncertain_fraction(ds.posterior)
+        # the target's givers are flagged at a false discovery rate over them (or per giver); the
+        # candidate search keeps the per-giver rule (_set_apart): read at a false discovery rate, a
+        # clean answer whose givers all look a little alike is set apart whole (measured on one-type
+        # cuts: every colour and shape answer of a Gemma3 upload)
         error = self.giver_qvalues_ if self.giver_error == "fdr" else self.giver_pvalues_
+        set_apart = error <= (self.giver_alpha or 0)  # NaN (no target, or not a giver) compares False
         scores = np.where(set_apart, np.maximum(ds.posterior, 1 - error), ds.posterior)
         by_votes = _threshold(ds.posterior, self.threshold)
         flagged = _threshold(scores, self.threshold)
@@ -803,17 +806,6 @@ class TCAPFilter(_PoisonFilter):
             return qvalues, None
         qvalues[tested], share = storey_qvalues(pvalues[tested])
         return qvalues, share
-
-    def _flag_givers(self, givers: np.ndarray) -> np.ndarray:
-        """Which of the target's ``givers`` the giver test flags: q-value <= ``giver_alpha`` (a
-        false discovery rate over the group) or, with ``giver_error="per_giver"``, ``_set_apart``.
-        The candidate search keeps the per-giver rule: it asks whether a group is a backdoor's,
-        and read at a false discovery rate a clean answer whose givers all look a little alike is
-        set apart whole (measured on one-type cuts: every colour and shape answer of a Gemma3
-        upload); once the target is known, the question is which givers are poison."""
-        if self.giver_error == "per_giver":
-            return self._set_apart(givers)
-        return self._giver_qvalues(givers)[0] <= (self.giver_alpha or 0)  # NaN compares False
 
     def _implausible(
         self,
