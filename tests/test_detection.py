@@ -269,13 +269,13 @@ def test_a_target_partly_given_outside_the_group_passes_at_the_default_bar():
     assert declined.labels_.sum() == 0 and "common outside them" in declined.decision_
 
 
-def _faint_upload(every: int):
+def _faint_upload(every: int, shift: float = 1.5):
     """A poisoned upload where every ``every``-th poisoned sample is faint (its shares come from the
-    same upload with a poison shift of 1.5 instead of 4, and the trigger's vision signature in the
-    poison heads is removed, so every head alone reads it as borderline), and 10 clean samples also
-    give the target. Returns (profile, faint indices, clean givers, responses)."""
+    same upload with a poison shift of ``shift`` instead of 4, and the trigger's vision signature in
+    the poison heads is removed, so every head alone reads it as borderline), and 10 clean samples
+    also give the target. Returns (profile, faint indices, clean givers, responses)."""
     profile = make_profile(rate=0.1, seed=1)
-    weak = make_profile(rate=0.1, seed=1, poison_shift=1.5)
+    weak = make_profile(rate=0.1, seed=1, poison_shift=shift)
     rng = np.random.default_rng(0)
     faint = np.flatnonzero(profile.poisoned)[::every]
     profile.shares[faint] = weak.shares[faint]
@@ -417,6 +417,43 @@ def test_a_giver_test_seed_is_judged_by_the_givers_it_sets_apart(monkeypatch):
     one_type = phrased_queries(np.where(profile.poisoned, "count", others), seed=1)
     declined = TCAPFilter().fit(profile, responses=responses.tolist(), queries=one_type)
     assert declined.n_flagged_ == 0 and "their questions set them apart" in declined.decision_
+
+
+def test_the_false_discovery_rate_read_seeds_a_group_unless_a_peer_answer_is_set_apart_too():
+    """The measured LLaVA BadNet 5% seeds 0-1 case: the giver test sets every poisoned giver a
+    little apart, too little for p <= 0.01 each (here 120 of 200 at a poison shift of 0.5, under
+    the 0.8 bar), but the q-values read the group as nearly all poison. The search takes that read
+    when no peer answer (one whose questions do not set it apart, as a backdoor's do not) is set
+    apart by it too. Where the clean answers follow the attention (here each is a quartile of one
+    head's share: the measured one-type uploads, where every colour, shape and count answer is set
+    apart whole), a group it sets apart is no evidence of a trigger, and the read is refused."""
+    profile, _, outside, responses = _faint_upload(every=1, shift=0.5)
+    n = len(profile.ids)
+    others = np.random.default_rng(1).choice([k for k in sorted(PHRASINGS) if k != "count"], n)
+    drawn = phrased_queries(others, seed=1)
+
+    per_giver = TCAPFilter(giver_error="per_giver").fit(profile, responses=responses.tolist(), queries=drawn)
+    assert per_giver.n_flagged_ == 0
+    seed = next(c for c in per_giver.candidates_ if c.get("answer") == "backdoor attack")
+    assert seed["n_set_apart"] < 0.8 * seed["n_target"] and "giver_read" not in seed
+    found = TCAPFilter().fit(profile, responses=responses.tolist(), queries=drawn)
+    verdict = next(c for c in found.candidates_ if c.get("accepted"))
+    assert verdict["answer"] == "backdoor attack" and verdict["giver_read"] == "fdr"
+    assert verdict["fdr_set_apart"] >= 0.8 * verdict["n_target"]
+    assert f1_score(profile.poisoned, found.labels_) >= 0.95
+    assert found.labels_[outside].sum() <= found.giver_alpha * found.n_flagged_ + 1
+
+    column = profile.shares[:, 0, 0, 0]  # a head outside the poison's: content, not trigger
+    by_content = np.array(
+        [f"answer {b}" for b in np.searchsorted(np.quantile(column, [0.25, 0.5, 0.75]), column)]
+    )
+    by_content = np.where(responses == "backdoor attack", responses, by_content)
+    refused = TCAPFilter().fit(profile, responses=by_content.tolist(), queries=drawn)
+    assert refused.n_flagged_ == 0 and refused.declined_
+    seed = next(c for c in refused.candidates_ if c.get("answer") == "backdoor attack")
+    assert seed["fdr_set_apart"] >= 0.8 * seed["n_target"] and "giver_read" not in seed
+    assert "at a false discovery rate, not taken: it sets apart" in seed["rejected"]
+    assert "whose questions do not set them apart either" in seed["rejected"]
 
 
 def test_responses_must_match_the_profile():

@@ -55,7 +55,10 @@ structure makes clean heads multimodal; a clean upload got two thirds of its sam
   poisoned giver that a few of them miss; which givers it flags is decided at a false discovery
   rate (Storey's q-values), so a group whose p-values are all small is flagged whole. The same
   test widens the exclusivity test: givers of the group's answer that it sets apart (p-value <=
-  ``giver_alpha``) count as the group's.
+  ``giver_alpha``) count as the group's; where that is too few and the q-values set apart enough,
+  those count instead, unless a peer answer (one whose questions do not set it apart either) has
+  most of its givers set apart by them too: then the attention tells answers apart by content,
+  as in an upload of one question type, and the q-values are no evidence of a trigger.
 The paper's own reading stays available (``split_rule="paper"``, ``head_selection="top"``).
 
 BYE (NeurIPS 2025): per layer a 2-component mixture of the vision-attention entropy; a layer is
@@ -190,6 +193,7 @@ def _response_signature(answers: np.ndarray, flags: np.ndarray) -> tuple[float, 
     return n_flagged_givers / int(flags.sum()), n_flagged_givers / int(givers.sum())
 
 
+PEER_SET_APART = 0.5  # the share of a peer answer's givers that discredits the FDR read (_untrusted)
 TRIGGER_WORD_SHARE = 0.8  # query_separability leaves out words in at least this share of the group
 
 
@@ -233,6 +237,13 @@ def query_separability(words: csr_matrix, member: np.ndarray, random_state: int 
     model = LogisticRegression(max_iter=2000)
     scores = cross_val_predict(model, x, member.astype(int), cv=cv, method="predict_proba")[:, 1]
     return float(roc_auc_score(member, scores))
+
+
+def _refused_fdr_read(row: dict[str, Any]) -> str:
+    """What a candidate's row says of a false discovery rate read that was not taken ("" if none)."""
+    if "fdr_untrusted" not in row:
+        return ""
+    return f"; {row['fdr_set_apart']} at a false discovery rate, not taken: {row['fdr_untrusted']}"
 
 
 def _uncertain_fraction(posterior: np.ndarray) -> float:
@@ -437,7 +448,11 @@ class TCAPFilter(_PoisonFilter):
             p-value; when the p-values say the givers are nearly all poison, nearly all are
             flagged (measured in two LLaVA Blend 5% worlds: 80 and 87 of 100 poisoned givers at
             p <= 0.01, the rest at 0.01-0.49). In the candidate search a giver counts as set apart
-            at p-value <= giver_alpha. The exclusivity test counts the givers it sets apart as the
+            at p-value <= giver_alpha, or at q-value <= giver_alpha where only that read reaches
+            ``min_response_exclusivity`` of the givers and no peer answer discredits it (one
+            whose questions do not set it apart, but whose givers the read sets apart too: the
+            attention then tells answers apart by content, as in an upload of one question
+            type). The exclusivity test counts the givers it sets apart as the
             group's too (a group the votes found only in part: its other givers are poison that
             the votes missed). The givers of a clean answer can be set apart as well (an answer
             follows from its question and image: counting answers are, in the tiny worlds), so
@@ -447,7 +462,8 @@ class TCAPFilter(_PoisonFilter):
             false discovery rate over them, above) or "per_giver" (each giver's p-value <=
             giver_alpha, the rule before "fdr": a clean giver is flagged with probability
             giver_alpha, and poisoned givers the classifier sets apart only in part are missed;
-            the score of a flagged giver is then max(posterior, 1 - p)).
+            the score of a flagged giver is then max(posterior, 1 - p); the candidate search then
+            reads p-values only).
         vote_threshold: responsibility above which a head votes poisoned (the paper's tau).
         prior_strength: Beta(a, b) prior on the poison prior in Dawid-Skene.
         max_uncertain: decline when more than this share of samples has a posterior in (0.1, 0.9).
@@ -592,6 +608,7 @@ class TCAPFilter(_PoisonFilter):
         self.ids_, shares = _check_shares(X)
         self._columns = shares.reshape(shares.shape[0], -1)  # what the giver test reads
         self._tested: dict[bytes, np.ndarray] = {}  # its p-values, by group of givers
+        self._peers: dict[str, float | None] = {}  # the FDR read's share of each peer answer (_untrusted)
         answers = _normalized_responses(responses, shares.shape[0])
         _check_count(queries, shares.shape[0], "queries")
         reads_texts = self.head_selection == "support"  # the paper's reading ("top") ignores the texts
@@ -638,7 +655,7 @@ class TCAPFilter(_PoisonFilter):
                 search["ds"] = restrict_positives(search["ds"], search["votes"], eligible)
                 self.giver_pvalues_ = self._giver_pvalues(eligible)
                 self.giver_qvalues_, self.clean_giver_share_ = self._giver_qvalues(eligible)
-        del self._columns, self._tested  # the fitted filter need not keep the shares
+        del self._columns, self._tested, self._peers  # the fitted filter need not keep the shares
         self.scale_ = scale
         values, gm, split, sep = search["values"], search["gm"], search["split"], search["sep"]
         sel, votes, ds, decline = search["sel"], search["votes"], search["ds"], search["decline"]
@@ -674,9 +691,8 @@ class TCAPFilter(_PoisonFilter):
         self.poison_prior_ = ds.prior
         self.uncertain_fraction_ = _uncertain_fraction(ds.posterior)
         # the target's givers are flagged at a false discovery rate over them (or per giver); the
-        # candidate search keeps the per-giver rule (_set_apart): read at a false discovery rate, a
-        # clean answer whose givers all look a little alike is set apart whole (measured on one-type
-        # cuts: every colour and shape answer of a Gemma3 upload)
+        # candidate search reads the per-giver rule first and this one only where no peer answer
+        # shows it to set clean answers apart (_set_apart)
         error = self.giver_qvalues_ if self.giver_error == "fdr" else self.giver_pvalues_
         set_apart = error <= (self.giver_alpha or 0)  # NaN (no target, or not a giver) compares False
         scores = np.where(set_apart, np.maximum(ds.posterior, 1 - error), ds.posterior)
@@ -792,9 +808,70 @@ class TCAPFilter(_PoisonFilter):
             self._tested[key] = member_pvalues(self._columns, givers, random_state=self.random_state)
         return self._tested[key]
 
-    def _set_apart(self, givers: np.ndarray) -> np.ndarray:
-        """The givers whose giver-test p-value is <= ``giver_alpha`` (none when the test is off)."""
-        return self._giver_pvalues(givers) <= (self.giver_alpha or 0)  # NaN (not tested) compares False
+    def _set_apart(
+        self,
+        givers: np.ndarray,
+        answers: np.ndarray | None = None,
+        words: csr_matrix | None = None,
+        row: dict[str, Any] | None = None,
+    ) -> np.ndarray:
+        """The givers the giver test sets apart in the candidate search (none when it is off).
+
+        Per giver (p-value <= ``giver_alpha``) first. Where that leaves the group under
+        ``min_response_exclusivity`` and the false discovery rate read (``giver_error="fdr"``,
+        q-value <= ``giver_alpha``) reaches it, that read is taken unless a peer answer shows it
+        setting clean answers apart in this upload (``_untrusted``, which needs the queries):
+        read at a false discovery rate, a clean answer whose givers all look a little alike is
+        set apart whole. ``row`` gets which read decided, or why the second was not taken.
+        """
+        alpha = self.giver_alpha or 0
+        per_giver = self._giver_pvalues(givers) <= alpha  # NaN (not tested) compares False
+        bar = self.min_response_exclusivity * givers.sum()
+        fdr_allowed = self._giver_test_on and self.giver_error == "fdr" and words is not None
+        if not fdr_allowed or answers is None or per_giver.sum() >= bar:
+            return per_giver
+        at_fdr = self._giver_qvalues(givers)[0] <= alpha
+        if at_fdr.sum() < bar:
+            return per_giver
+        row = {} if row is None else row
+        row["fdr_set_apart"] = int(at_fdr.sum())
+        why = self._untrusted(givers, answers, words)
+        if why:
+            row["fdr_untrusted"] = why
+            return per_giver
+        row["giver_read"] = "fdr"
+        return at_fdr
+
+    def _untrusted(self, givers: np.ndarray, answers: np.ndarray, words: csr_matrix) -> str | None:
+        """Why the false discovery rate read of ``givers`` is not trusted in this upload, or None.
+
+        A peer is another answer that ``min_poison_fraction`` of the upload gives (the
+        ``max_candidates`` commonest) and whose questions do not set its givers apart
+        (``query_separability`` <= ``max_query_auroc``), as a backdoor's do not. A peer's givers
+        are clean, so the read should set apart almost none of them; if it sets apart most of a
+        peer's (``PEER_SET_APART``), the attention tells this upload's answers apart by content
+        (measured on uploads cut to one question type: 30-100% of the givers of nearly every
+        colour, shape and count answer), and a group it sets apart is no evidence of a trigger.
+        In an upload of many question types every clean answer is one type: there are no peers.
+        """
+        alpha = self.giver_alpha or 0
+        names, counts = np.unique(answers[~givers].astype(str), return_counts=True)
+        common = (counts >= max(2, self.min_poison_fraction * answers.size)) & (names != "")
+        names, counts = names[common], counts[common]
+        for name in names[np.argsort(-counts, kind="stable")][: self.max_candidates]:
+            peer = answers == name
+            if name not in self._peers:
+                auroc = query_separability(words, peer, self.random_state)
+                is_peer = auroc is not None and auroc <= (self.max_query_auroc or 0)  # words: the test is on
+                shares = self._giver_qvalues(peer)[0][peer] <= alpha
+                self._peers[name] = float(shares.mean()) if is_peer else None
+            share = self._peers[name]
+            if share is not None and share >= PEER_SET_APART:
+                return (
+                    f"it sets apart {share:.0%} of the {int(peer.sum())} givers of {str(name)!r} too, whose "
+                    "questions do not set them apart either"
+                )
+        return None
 
     def _giver_qvalues(self, givers: np.ndarray) -> tuple[np.ndarray, float | None]:
         """Storey's q-values of the giver test's p-values over ``givers`` (NaN for everyone else)
@@ -856,7 +933,7 @@ class TCAPFilter(_PoisonFilter):
                 )
             if exclusivity < self.min_response_exclusivity:
                 givers = answers == _commonest(answers[flags])
-                apart = self._set_apart(givers)
+                apart = self._set_apart(givers, answers, words, measured)
                 widened = int(((flags | apart) & givers).sum()) / int(givers.sum())
                 tested = self._giver_test_on
                 if tested:
@@ -866,6 +943,7 @@ class TCAPFilter(_PoisonFilter):
                         f"their response is common outside them (only {exclusivity:.0%} of the samples "
                         f"giving it are flagged"
                         + (f", {widened:.0%} with those the giver test sets apart" if tested else "")
+                        + _refused_fdr_read(measured)
                         + f"; min_response_exclusivity={self.min_response_exclusivity})"
                     )
                 flags = flags | apart  # what would be flagged: the size bound and the query test read it
@@ -1024,13 +1102,14 @@ class TCAPFilter(_PoisonFilter):
                 n_tests += 1
                 # no column confirms the givers, but all columns read jointly may: the givers that
                 # the giver test sets apart seed the group, and the columns that best separate them vote
-                group, eligible = self._set_apart(givers), givers
+                group, eligible = self._set_apart(givers, answers, words, row), givers
                 row["seed"] = "giver test"
                 row["n_set_apart"] = int(group.sum())
                 if group.sum() < self.min_response_exclusivity * givers.sum():
                     row["rejected"] = (
                         f"{reason}, and the giver test sets apart only {group.sum()} of its "
-                        f"{givers.sum()} givers (min_response_exclusivity={self.min_response_exclusivity})"
+                        f"{givers.sum()} givers{_refused_fdr_read(row)} "
+                        f"(min_response_exclusivity={self.min_response_exclusivity})"
                     )
                     continue
                 auc = self._group_aurocs(footprint, group, c)[0]
@@ -1040,7 +1119,7 @@ class TCAPFilter(_PoisonFilter):
             # a giver-test group is read by columns that separate it only in part, whose votes
             # alone would also flag samples that answer otherwise: the answer is the hypothesis
             # here, so the verdict is read among its givers (as restrict_to_target does after it)
-            ds = self._verdict(votes, answers, words, row, eligible)
+            ds = self._verdict(votes, answers, words, row, eligible, group)
             if "rejected" not in row:
                 self.head_support_ = auc[sel]
                 return sel.astype(np.int64), votes, ds, None, str(answer)
@@ -1065,16 +1144,15 @@ class TCAPFilter(_PoisonFilter):
         words: csr_matrix | None,
         row: dict[str, Any],
         eligible: np.ndarray | None = None,
+        set_apart: np.ndarray | None = None,
     ) -> DawidSkeneResult:
         """Dawid-Skene on a candidate's votes (only the ``eligible`` samples positive, if given);
         ``row`` gets its figures and "accepted" or "rejected". With ``eligible`` (the givers of a
-        giver-test seed's answer), the givers the test sets apart are judged with the flagged
-        samples: ``fit`` flags them whatever the votes say once the answer is the target."""
+        giver-test seed's answer), the givers the test sets apart (``set_apart``) are judged with
+        the flagged samples: ``fit`` flags them whatever the votes say once the answer is the target."""
         ds = self._aggregate(votes)
-        set_apart = None
         if eligible is not None:
             ds = restrict_positives(ds, votes, eligible)
-            set_apart = self._set_apart(eligible)
         row["n_flagged"] = int(_threshold(ds.posterior, self.threshold).sum())
         reason = self._implausible(ds, answers, words, measured=row, set_apart=set_apart)
         if reason:
