@@ -450,9 +450,9 @@ class TCAPFilter(_PoisonFilter):
             p <= 0.01, the rest at 0.01-0.49). In the candidate search a giver counts as set apart
             at p-value <= giver_alpha, or at q-value <= giver_alpha where only that read reaches
             ``min_response_exclusivity`` of the givers and no peer answer discredits it (one
-            whose questions do not set it apart, but whose givers the read sets apart too: the
-            attention then tells answers apart by content, as in an upload of one question
-            type). The exclusivity test counts the givers it sets apart as the
+            whose questions do not set it apart, half or more of whose givers the read sets apart
+            too: the attention then tells answers apart by content, as in an upload of one
+            question type). The exclusivity test counts the givers it sets apart as the
             group's too (a group the votes found only in part: its other givers are poison that
             the votes missed). The givers of a clean answer can be set apart as well (an answer
             follows from its question and image: counting answers are, in the tiny worlds), so
@@ -862,7 +862,8 @@ class TCAPFilter(_PoisonFilter):
             peer = answers == name
             if name not in self._peers:
                 auroc = query_separability(words, peer, self.random_state)
-                is_peer = auroc is not None and auroc <= (self.max_query_auroc or 0)  # words: the test is on
+                # words are read only while the query test is on, so max_query_auroc is set here
+                is_peer = auroc is not None and auroc <= (self.max_query_auroc or 0)
                 shares = self._giver_qvalues(peer)[0][peer] <= alpha
                 self._peers[name] = float(shares.mean()) if is_peer else None
             share = self._peers[name]
