@@ -809,11 +809,7 @@ class TCAPFilter(_PoisonFilter):
         return self._tested[key]
 
     def _set_apart(
-        self,
-        givers: np.ndarray,
-        answers: np.ndarray | None = None,
-        words: csr_matrix | None = None,
-        row: dict[str, Any] | None = None,
+        self, givers: np.ndarray, answers: np.ndarray, words: csr_matrix | None, row: dict[str, Any]
     ) -> np.ndarray:
         """The givers the giver test sets apart in the candidate search (none when it is off).
 
@@ -828,12 +824,11 @@ class TCAPFilter(_PoisonFilter):
         per_giver = self._giver_pvalues(givers) <= alpha  # NaN (not tested) compares False
         bar = self.min_response_exclusivity * givers.sum()
         fdr_allowed = self._giver_test_on and self.giver_error == "fdr" and words is not None
-        if not fdr_allowed or answers is None or per_giver.sum() >= bar:
+        if not fdr_allowed or per_giver.sum() >= bar:
             return per_giver
         at_fdr = self._giver_qvalues(givers)[0] <= alpha
         if at_fdr.sum() < bar:
             return per_giver
-        row = {} if row is None else row
         row["fdr_set_apart"] = int(at_fdr.sum())
         why = self._untrusted(givers, answers, words)
         if why:
@@ -864,8 +859,10 @@ class TCAPFilter(_PoisonFilter):
                 auroc = query_separability(words, peer, self.random_state)
                 # words are read only while the query test is on, so max_query_auroc is set here
                 is_peer = auroc is not None and auroc <= (self.max_query_auroc or 0)
-                shares = self._giver_qvalues(peer)[0][peer] <= alpha
-                self._peers[name] = float(shares.mean()) if is_peer else None
+                # only a peer asks the giver test (an answer its questions set apart is not one)
+                self._peers[name] = (
+                    float((self._giver_qvalues(peer)[0][peer] <= alpha).mean()) if is_peer else None
+                )
             share = self._peers[name]
             if share is not None and share >= PEER_SET_APART:
                 return (
