@@ -23,8 +23,10 @@ same key replaces the old one.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -50,7 +52,10 @@ VARIANTS: dict[str, dict | None] = {
     "no_entropy": {"entropy_weight": 0.0},  # gated CE + hinge
     "gate_only": {"cross_view_weight": 0.0, "entropy_weight": 0.0},
     "mask": {"augmentation": "mask"},  # augmentation operator
-    "batch_margin": {"margin_reference": "batch_median"},  # the margin relative to the batch
+    # the defaults before the reference margin: a fixed margin, both views carrying gradient
+    "fixed_margin": {"margin_reference": "fixed", "detach_augmented": False},
+    # the margin relative to the batch (with both views carrying gradient, as measured)
+    "batch_margin": {"margin_reference": "batch_median", "detach_augmented": False},
     "tcap": None,  # (c) the filter, then plain fine-tuning
     "tcap+robust": {},  # (d) the filter, then robust fine-tuning
 }
@@ -189,15 +194,7 @@ def main() -> None:
                             "finetune_seconds": seconds,
                             "wall_seconds": time.perf_counter() - start,
                         }
-                        key = (family, kind, rate, seed, name)
-                        rows = [
-                            r
-                            for r in rows
-                            if (r["family"], r["attack"], r["rate"], r["seed"], r["variant"]) != key
-                        ]
-                        rows.append(row)
-                        out.parent.mkdir(parents=True, exist_ok=True)
-                        out.write_text(json.dumps({"rows": rows, "torch_threads": args.threads}, indent=1))
+                        rows = store_row(out, row, args.threads)
                         print(
                             f"{family} {kind} {rate:.2f} seed={seed} {name:14s} "
                             f"clean={metrics['clean_exact_match']:.3f} asr={metrics['asr']:.3f} "
@@ -206,6 +203,25 @@ def main() -> None:
                             flush=True,
                         )
     print_table(rows)
+
+
+def _row_key(row: dict) -> tuple:
+    return row["family"], row["attack"], row["rate"], row["seed"], row["variant"]
+
+
+def store_row(out: Path, row: dict, threads: int) -> list[dict]:
+    """Add ``row`` to the results file, replacing one with the same key. The file is re-read under a
+    lock (on its folder), so that runs writing the same file at once keep each other's rows."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    folder = os.open(out.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        rows = json.loads(out.read_text())["rows"] if out.exists() else []
+        rows = [r for r in rows if _row_key(r) != _row_key(row)] + [row]
+        out.write_text(json.dumps({"rows": rows, "torch_threads": threads}, indent=1))
+    finally:
+        os.close(folder)  # releases the lock
+    return rows
 
 
 def print_table(rows: list[dict]) -> None:

@@ -26,6 +26,7 @@ from tcapguard.training import (
     encode_example,
     finetune,
     patch_augment,
+    prepare_model,
     render_prompt,
     response_distributions,
     vision_patch_size,
@@ -512,7 +513,14 @@ def robust_step(model, processor, dataset, robust: RobustConfig, *, lr: float = 
 
 def test_hinge_term_pushes_the_views_apart(tiny_models, train_data):
     model, processor = tiny_models.load("llava")
-    robust = RobustConfig(margin=1.0, gate=0.0, entropy_weight=0.0, cross_view_weight=1.0)
+    robust = RobustConfig(
+        margin=1.0,
+        margin_reference="fixed",
+        gate=0.0,
+        entropy_weight=0.0,
+        cross_view_weight=1.0,
+        detach_augmented=False,
+    )
     before, after = robust_step(model, processor, train_data, robust)
     assert before["cross_view_distance"] < 1.0  # below the margin: the hinge is active
     assert after["cross_view_distance"] > before["cross_view_distance"]
@@ -522,7 +530,7 @@ def test_batch_median_margin_keeps_gating_the_most_invariant_samples():
     """Once every view pair is further apart than the fixed margin, the fixed hinge is off for all; the
     batch-relative one still gates and pushes the samples below the batch's median distance."""
     distance = torch.tensor([0.9, 0.8, 0.6, 0.95], requires_grad=True)
-    hinge, invariance = cross_view_hinge(distance, RobustConfig(margin=0.5))
+    hinge, invariance = cross_view_hinge(distance, RobustConfig(margin=0.5, margin_reference="fixed"))
     assert (hinge == 0).all() and (invariance == 0).all()
     relative = RobustConfig(margin=0.5, margin_reference="batch_median")
     hinge, invariance = cross_view_hinge(distance, relative)
@@ -534,6 +542,51 @@ def test_batch_median_margin_keeps_gating_the_most_invariant_samples():
     assert (same == 0).all()
 
 
+def test_reference_margin_gates_only_what_became_more_invariant_than_the_reference_model():
+    """Per sample, the margin is the reference model's distance: a sample whose views the fine-tune
+    brought closer than the reference had them is gated and pushed in proportion; one that was as
+    invariant before (a colour survives a shuffle) or is less invariant now is left alone."""
+    distance = torch.tensor([0.05, 0.02, 0.4, 0.0], requires_grad=True)
+    reference = torch.tensor([0.6, 0.02, 0.1, 0.0])
+    hinge, invariance = cross_view_hinge(distance, RobustConfig(), reference=reference)
+    assert torch.allclose(invariance, torch.tensor([0.55 / 0.6, 0.0, 0.0, 0.0]))
+    hinge.sum().backward()
+    assert distance.grad.tolist() == [-1.0, 0.0, 0.0, 0.0]  # only the first is pushed apart
+    with pytest.raises(ValueError, match="needs the reference model's distances"):
+        cross_view_hinge(distance, RobustConfig())
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_reference_model_is_the_model_as_it_was_when_fine_tuning_started(tiny_models, train_data, method):
+    """At the first step the model is its own reference (nothing gated); after training steps the
+    reference still answers as before (a frozen copy, or for LoRA the adapters switched off)."""
+    model, processor = tiny_models.load("llava")
+    model = prepare_model(model, FinetuneConfig(method=method, lora_r=4))
+    batch = collate(
+        [encode_example(processor, r, train_data.load_image(r)) for r in train_data.records[:6]],
+        processor.tokenizer.pad_token_id,
+    )
+    regularizer = CrossViewRegularizer(RobustConfig(), seed=0)
+    regularizer.attach(model)
+    model.train()
+    model(**batch)
+    regularizer(batch)
+    first = dict(regularizer.last)
+    assert first["reference_distance"] == pytest.approx(first["cross_view_distance"], abs=1e-5)
+    assert first["invariance"] == pytest.approx(0.0, abs=1e-4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    regularizer.generator.manual_seed(0)  # the same views as at the first step
+    model(**batch)
+    regularizer(batch)
+    regularizer.release()
+    assert regularizer.last["reference_distance"] == pytest.approx(first["reference_distance"], abs=1e-5)
+    assert abs(regularizer.last["cross_view_distance"] - first["cross_view_distance"]) > 1e-3
+
+
 def test_detached_hinge_moves_the_original_answer_away_from_the_augmented_one(tiny_models, train_data):
     """With ``detach_augmented`` the augmented view is a fixed reference: a step moves the original
     view's answer away from where the augmented view's answer was (both views may move together,
@@ -543,7 +596,9 @@ def test_detached_hinge_moves_the_original_answer_away_from_the_augmented_one(ti
         [encode_example(processor, r, train_data.load_image(r)) for r in train_data.records[:6]],
         processor.tokenizer.pad_token_id,
     )
-    robust = RobustConfig(margin=1.0, gate=0.0, entropy_weight=0.0, detach_augmented=True)
+    robust = RobustConfig(
+        margin=1.0, margin_reference="fixed", gate=0.0, entropy_weight=0.0, detach_augmented=True
+    )
     regularizer = CrossViewRegularizer(robust, seed=0)
     regularizer.attach(model)
     model.train()
@@ -602,7 +657,7 @@ def test_gate_switches_off_the_loss_of_fully_invariant_samples(tiny_models):
     record = world.make_split(1, seed=3).records[0]
     blank = Image.new("RGB", (32, 32), (90, 90, 90))
     batch = collate([encode_example(processor, record, blank)] * 2, processor.tokenizer.pad_token_id)
-    robust = RobustConfig(gate=1.0, cross_view_weight=0.0, entropy_weight=0.0)
+    robust = RobustConfig(margin_reference="fixed", gate=1.0, cross_view_weight=0.0, entropy_weight=0.0)
     regularizer = CrossViewRegularizer(robust)
     regularizer.attach(model)
     assert not list(regularizer.parameters())  # the model is not a submodule: no parameter twice
@@ -611,7 +666,9 @@ def test_gate_switches_off_the_loss_of_fully_invariant_samples(tiny_models):
     assert regularizer.last["cross_view_distance"] == 0.0 and regularizer.last["ce_weight"] == 0.0
     assert ce.item() > 0.5
     torch.testing.assert_close(ce + correction, torch.zeros(()), atol=1e-5, rtol=0)
-    half = CrossViewRegularizer(RobustConfig(gate=0.5, cross_view_weight=0.0, entropy_weight=0.0))
+    half = CrossViewRegularizer(
+        RobustConfig(margin_reference="fixed", gate=0.5, cross_view_weight=0.0, entropy_weight=0.0)
+    )
     half.attach(model)
     ce = model(**batch).loss
     torch.testing.assert_close(ce + half(batch), 0.5 * ce, atol=1e-5, rtol=1e-4)
@@ -629,7 +686,13 @@ def test_robust_finetune_runs_end_to_end(tiny_models, train_data, method, tmp_pa
         trained, result = finetune(model, processor, train_data, config, tmp_path / "robust")
     assert not [w for w in caught if "duplicate parameters" in str(w.message)]  # each parameter once
     assert len(result.losses) == 8 and all(torch.isfinite(torch.tensor(result.losses)))
-    assert set(result.terms) == {"cross_view_distance", "invariance", "ce_weight", "entropy"}
+    assert set(result.terms) == {
+        "cross_view_distance",
+        "invariance",
+        "ce_weight",
+        "entropy",
+        "reference_distance",
+    }
     assert all(len(v) == 8 for v in result.terms.values())
     assert all(0.0 <= v <= 1.0 for v in result.terms["cross_view_distance"])
     assert not trained._forward_hooks  # the regulariser's hook is gone

@@ -11,6 +11,7 @@ tiny world's pre-training uses; see the README section "Robust fine-tuning" for 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -42,7 +43,7 @@ PROJECTOR_MODULES = ("multi_modal_projector", "merger", "connector")
 
 
 AUGMENTATIONS = ("shuffle", "mask", "drop")
-MARGIN_REFERENCES = ("fixed", "batch_median")
+MARGIN_REFERENCES = ("fixed", "batch_median", "reference")
 
 
 @dataclass
@@ -61,7 +62,13 @@ class RobustConfig(StepConfig):
         + cross_view_weight * mean_i max(0, margin - d_i)     (bounded hinge: push invariant views apart)
         + entropy_weight * mean_i max(0, H_i - entropy_max)   (keep original-view answers decisive)
 
-    ``s`` in the gate is detached. With ``margin_reference="batch_median"`` the margin is the batch's
+    ``s`` in the gate is detached. With ``margin_reference="reference"`` each sample's margin is the
+    distance that the reference model, the model as it was when this fine-tune started (a frozen copy
+    for full fine-tuning; the same model with its LoRA adapters switched off), puts between the same
+    two views: a sample counts as invariant only as far as fine-tuning made it more invariant than it
+    was. A backdoor is learned during the fine-tune, so its answers become invariant then; a benign
+    answer that the perturbation cannot change (a colour survives a patch shuffle) was invariant
+    already and is left alone. With ``margin_reference="batch_median"`` the margin is the batch's
     median distance (detached) instead of ``margin``: the samples that stay the most invariant of
     their batch keep being gated and pushed after the views of most samples have been told apart
     (with a fixed margin the gate switches off then). ``H_i`` is the mean entropy (nats) of the
@@ -78,16 +85,16 @@ class RobustConfig(StepConfig):
     patch_size: int | None = None  # pixels; None = the vision tower's patch size (config.vision_config)
     # hinge margin on the TV distance; views further apart than this are left alone (with "fixed")
     margin: float = 0.5
-    # "fixed": ``margin``; "batch_median": the batch's median distance (measured: one cut in four runs,
-    # 21 points of clean accuracy in LLaVA; README, Robust fine-tuning)
-    margin_reference: str = "fixed"
+    # "reference": per sample, the reference model's distance between the same views; "fixed":
+    # ``margin``; "batch_median": the batch's median distance (README, Robust fine-tuning)
+    margin_reference: str = "reference"
     cross_view_weight: float = 1.0
     gate: float = 1.0  # 0 = plain CE; 1 = a fully invariant sample's CE is switched off
     entropy_weight: float = 0.1
     entropy_max: float = 0.5  # nats
-    # the augmented view as a fixed reference (no gradient through it); off: measured, it cut ASR
-    # but at 17-36 points of clean accuracy (README, Robust fine-tuning)
-    detach_augmented: bool = False
+    # the augmented view as a fixed target to move away from (no gradient through it); otherwise the
+    # hinge can be met by learning to recognise the augmented view (README, Robust fine-tuning)
+    detach_augmented: bool = True
 
     def __post_init__(self) -> None:
         if self.augmentation not in AUGMENTATIONS:
@@ -364,6 +371,12 @@ def prepare_model(model, config: FinetuneConfig):
     return get_peft_model(model, lora)
 
 
+def _is_peft(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
 def _in_vision_tower(name: str) -> bool:
     return "vision_tower" in name or ".visual." in name or name.startswith("visual.")
 
@@ -451,25 +464,38 @@ def response_entropy(log_p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def cross_view_hinge(
-    distance: torch.Tensor, config: RobustConfig, *, images: bool = True
+    distance: torch.Tensor,
+    config: RobustConfig,
+    *,
+    images: bool = True,
+    reference: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample: the hinge ``max(0, m - d)`` and the invariance ``s = hinge / m`` (detached), where
-    ``m`` is ``config.margin`` or, with ``margin_reference="batch_median"`` and images in the batch,
-    the batch's median distance (detached; a batch of one has no sample below it)."""
-    margin = config.margin
-    if config.margin_reference == "batch_median" and images:
-        margin = distance.detach().quantile(0.5).clamp(min=1e-6)  # interpolated: a pair has one below
+    ``m`` is ``config.margin``; with ``margin_reference="reference"`` the reference model's distances
+    ``reference`` (one per sample); with ``"batch_median"`` and images in the batch, the batch's
+    median distance (detached; a batch of one has no sample below it)."""
+    margin: float | torch.Tensor = config.margin
+    if config.margin_reference == "reference":
+        if reference is None:
+            raise ValueError('margin_reference="reference" needs the reference model\'s distances')
+        margin = reference.detach()
+    elif config.margin_reference == "batch_median" and images:
+        margin = distance.detach().quantile(0.5)  # interpolated: a pair has one below
     hinge = torch.relu(margin - distance)  # no gradient at d == m: the median sample is not pushed
-    return hinge, (hinge / margin).detach()
+    # a margin of 0 (views the reference could not tell apart) leaves the hinge and gate off
+    scale = margin.clamp(min=1e-6) if isinstance(margin, torch.Tensor) else margin
+    return hinge, (hinge / scale).detach()
 
 
 class CrossViewRegularizer(torch.nn.Module):
     """The robust fine-tuning loss of :class:`RobustConfig`, as an auxiliary term of :func:`finetune`.
 
-    ``attach(model)`` hooks the model's forward to keep the original view's logits; ``forward(batch)``
-    runs the patch-augmented view and returns the gated-CE correction plus the hinge and entropy terms
-    (so that ``model(**batch).loss + forward(batch)`` is the loss of :class:`RobustConfig`). ``last``
-    holds the step's term values for logging.
+    ``attach(model)`` hooks the model's forward to keep the original view's logits (and, with
+    ``margin_reference="reference"``, keeps a frozen copy of the model as the reference, or for a peft
+    model its adapters switched off, which costs no memory); ``forward(batch)`` runs the
+    patch-augmented view and returns the gated-CE correction plus the hinge and entropy terms (so that
+    ``model(**batch).loss + forward(batch)`` is the loss of :class:`RobustConfig`). ``last`` holds the
+    step's term values for logging.
     """
 
     def __init__(self, config: RobustConfig, seed: int = 0):
@@ -481,6 +507,7 @@ class CrossViewRegularizer(torch.nn.Module):
         self._model = None
         self._logits: torch.Tensor | None = None
         self._hook = None
+        self._reference = None
 
     def attach(self, model) -> None:
         # kept outside the module registry: as a submodule the model's parameters would be handed to
@@ -488,6 +515,12 @@ class CrossViewRegularizer(torch.nn.Module):
         self.__dict__["_model"] = model
         if self.patch_size is None:
             self.patch_size = vision_patch_size(model)
+        if self.config.margin_reference == "reference" and not _is_peft(model):
+            reference = copy.deepcopy(model).eval().requires_grad_(False)
+            for module in reference.modules():  # other auxiliaries' hooks stay on the trained model
+                module._forward_hooks.clear()
+                module._forward_pre_hooks.clear()
+            self.__dict__["_reference"] = reference  # not a submodule, as the model itself
         self._hook = model.register_forward_hook(lambda _m, _i, out: setattr(self, "_logits", out.logits))
 
     def release(self) -> None:
@@ -496,16 +529,32 @@ class CrossViewRegularizer(torch.nn.Module):
             self._hook.remove()
         self._hook, self._logits = None, None
         self.__dict__["_model"] = None
+        self.__dict__["_reference"] = None
+
+    def _reference_distance(self, batch: dict[str, torch.Tensor], pixels: torch.Tensor) -> torch.Tensor:
+        """The reference model's distance between the two views (no gradient)."""
+        labels = batch["labels"]
+        with torch.no_grad():
+            if self._reference is None:  # peft: the same model with its adapters off
+                with self._model.disable_adapter():
+                    original = self._model(**batch).logits
+                    augmented = self._model(**{**batch, "pixel_values": pixels}).logits
+            else:
+                original = self._reference(**batch).logits
+                augmented = self._reference(**{**batch, "pixel_values": pixels}).logits
+        log_p, mask = response_distributions(original, labels)
+        return cross_view_distance(log_p, response_distributions(augmented, labels)[0], mask)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self._model is None or self._logits is None:
             raise RuntimeError("CrossViewRegularizer needs attach(model) and a model forward first")
         cfg = self.config
-        logits = self._logits
+        logits = self._logits  # before any reference forward, whose logits the hook would catch
         labels = batch["labels"]
         log_p, mask = response_distributions(logits, labels)
         ce_tokens = -log_p.gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0] * mask
         entropy = response_entropy(log_p, mask)
+        reference = None
         if "pixel_values" in batch:
             pixels = patch_augment(
                 batch["pixel_values"],
@@ -518,9 +567,14 @@ class CrossViewRegularizer(torch.nn.Module):
                 augmented = self._model(**{**batch, "pixel_values": pixels}).logits
             log_q, _ = response_distributions(augmented, labels)
             distance = cross_view_distance(log_p, log_q, mask)
+            if cfg.margin_reference == "reference":
+                reference = self._reference_distance(batch, pixels)
         else:  # text-only batch: no image to perturb, so no cross-view evidence either way
             distance = torch.full_like(entropy, cfg.margin)
-        hinge, invariance = cross_view_hinge(distance, cfg, images="pixel_values" in batch)
+            reference = distance.detach() if cfg.margin_reference == "reference" else None
+        hinge, invariance = cross_view_hinge(
+            distance, cfg, images="pixel_values" in batch, reference=reference
+        )
         weight = 1 - cfg.gate * invariance
         gate_correction = ((weight - 1)[:, None] * ce_tokens).sum() / mask.sum().clamp(min=1)
         loss = (
@@ -534,6 +588,8 @@ class CrossViewRegularizer(torch.nn.Module):
             "ce_weight": weight.mean().item(),
             "entropy": entropy.mean().item(),
         }
+        if reference is not None:
+            self.last["reference_distance"] = reference.mean().item()
         return loss
 
 
