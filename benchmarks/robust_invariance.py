@@ -6,8 +6,10 @@ For the world's backdoored model and its clean base, the cross-view distance bet
 a patch-augmented view (teacher-forced on the training answer) of poisoned and clean training
 samples: the premise is that poisoned answers are the more invariant (smaller distance). Prints
 median distances (per sample: mean and max over the response tokens) and the AUROC of invariance
-as a poison score (0.5 = no signal, below 0.5 = the clean answers are the more invariant). Results
-go to ``benchmarks/results/robust_invariance.json``.
+as a poison score (0.5 = no signal, below 0.5 = the clean answers are the more invariant), and on
+the base's rows the AUROC of the invariance gained in fine-tuning (the base's distance minus the
+backdoored model's, on the same views: what ``RobustConfig(margin_reference="reference")`` reads).
+Results go to ``benchmarks/results/robust_invariance.json``.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ def main() -> None:
     poisoned = [r for r in train if r.id in poisoned_ids][: args.n_poison]
     clean = [r for r in train if r.id not in poisoned_ids][: args.n_clean]
     rows = []
+    kept: dict[tuple[str, str], np.ndarray] = {}  # (model, view) -> max distances, poisoned then clean
     for which, path in (("backdoored", world.model), ("base", world.base)):
         model, processor = load_model(path)
         model.eval()
@@ -99,13 +102,22 @@ def main() -> None:
                     "median_clean": float(np.median(d_clean[agg])),
                     "auroc_invariance": float(roc_auc_score(truth, scores)),
                 }
+            kept[which, view] = np.r_[d_poison["max"], d_clean["max"]]
+            if which == "base":  # the same views (same seeds) as the backdoored model's
+                gain = kept[which, view] - kept["backdoored", view]
+                row["gain"] = {
+                    "median_poisoned": float(np.median(gain[: len(d_poison["max"])])),
+                    "median_clean": float(np.median(gain[len(d_poison["max"]) :])),
+                    "auroc_invariance": float(roc_auc_score(truth, gain)),
+                }
             rows.append(row)
             print(
                 f"{which:10s} {mode:7s} {ratio:>4s} "
                 + " ".join(
                     f"{agg}: poisoned {row[agg]['median_poisoned']:.3f} clean {row[agg]['median_clean']:.3f} "
                     f"AUROC {row[agg]['auroc_invariance']:.2f}"
-                    for agg in ("mean", "max")
+                    for agg in ("mean", "max", "gain")
+                    if agg in row
                 ),
                 flush=True,
             )
