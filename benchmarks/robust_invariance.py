@@ -85,7 +85,7 @@ def main() -> None:
     poisoned = [r for r in train if r.id in poisoned_ids][: args.n_poison]
     clean = [r for r in train if r.id not in poisoned_ids][: args.n_clean]
     rows = []
-    kept: dict[tuple[str, str], np.ndarray] = {}  # (model, view) -> max distances, poisoned then clean
+    backdoored: dict[str, np.ndarray] = {}  # view -> backdoored model's max distances (poisoned, clean)
     for which, path in (("backdoored", world.model), ("base", world.base)):
         model, processor = load_model(path)
         model.eval()
@@ -102,9 +102,10 @@ def main() -> None:
                     "median_clean": float(np.median(d_clean[agg])),
                     "auroc_invariance": float(roc_auc_score(truth, scores)),
                 }
-            kept[which, view] = np.r_[d_poison["max"], d_clean["max"]]
-            if which == "base":  # the same views (same seeds) as the backdoored model's
-                gain = kept[which, view] - kept["backdoored", view]
+            if which == "backdoored":
+                backdoored[view] = np.r_[d_poison["max"], d_clean["max"]]
+            else:  # the same views (same seeds) as the backdoored model's
+                gain = np.r_[d_poison["max"], d_clean["max"]] - backdoored[view]
                 row["gain"] = {
                     "median_poisoned": float(np.median(gain[: len(d_poison["max"])])),
                     "median_clean": float(np.median(gain[len(d_poison["max"]) :])),
