@@ -27,6 +27,7 @@ import fcntl
 import hashlib
 import json
 import os
+import statistics
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -36,13 +37,15 @@ import torch
 from base_options import add_base_options, base_spec
 from tcapguard.attacks import Attack, make_triggered_testset
 from tcapguard.detection import FilterConfig
-from tcapguard.evaluation import attack_success_rate, exact_match, generate_responses, residual_asr
+from tcapguard.evaluation import attack_success_rate, generate_responses, normalize, residual_asr
 from tcapguard.localization import Box, flagged_attention_maps, suspected_regions
 from tcapguard.models import load_model
 from tcapguard.storage import publish_directory
 from tcapguard.tinyworld import WorldSpec, build_world, default_cache_dir
 from tcapguard.training import RobustConfig, finetune
+from tcapguard.world import test_split
 
+SHUFFLE = {"augmentation": "shuffle", "patch_ratio": 0.5}
 # Loss-term ablation: each variant is RobustConfig overrides (None = plain fine-tuning).
 VARIANTS: dict[str, dict | None] = {
     "plain": None,
@@ -51,11 +54,11 @@ VARIANTS: dict[str, dict | None] = {
     "no_hinge": {"cross_view_weight": 0.0},  # gated CE + entropy
     "no_entropy": {"entropy_weight": 0.0},  # gated CE + hinge
     "gate_only": {"cross_view_weight": 0.0, "entropy_weight": 0.0},
-    "mask": {"augmentation": "mask"},  # augmentation operator
+    "shuffle": SHUFFLE,  # the views before mask 25% (the reference margin's first measurements)
     # the defaults before the reference margin: a fixed margin, both views carrying gradient
-    "fixed_margin": {"margin_reference": "fixed", "detach_augmented": False},
+    "fixed_margin": {**SHUFFLE, "margin_reference": "fixed", "detach_augmented": False},
     # the margin relative to the batch (with both views carrying gradient, as measured)
-    "batch_margin": {"margin_reference": "batch_median", "detach_augmented": False},
+    "batch_margin": {**SHUFFLE, "margin_reference": "batch_median", "detach_augmented": False},
     "tcap": None,  # (c) the filter, then plain fine-tuning
     "tcap+robust": {},  # (d) the filter, then robust fine-tuning
 }
@@ -106,13 +109,23 @@ def robust_model(
 
 
 def evaluate(
-    model_dir: Path, test, triggered, target: str, train, flagged: list[str], regions: dict[str, Box]
+    model_dir: Path,
+    clean_test,
+    test,
+    triggered,
+    target: str,
+    train,
+    flagged: list[str],
+    regions: dict[str, Box],
 ) -> dict[str, float | None]:
-    """Clean accuracy and ASR, and beside the ASR the trigger-agnostic estimate a gate would see:
-    residual ASR from the default filter's flags on the upload (0 by definition when it flags none)."""
+    """Clean accuracy on ``clean_test`` and ASR on ``triggered``, and beside the ASR the
+    trigger-agnostic estimate a gate would see: residual ASR from the default filter's flags on the
+    upload (0 by definition when it flags none), pasted onto the world's ``test`` images."""
     model, processor = load_model(model_dir)
-    answers = generate_responses(model, processor, test)
-    clean = exact_match(answers, [r.response for r in test])
+    answers = generate_responses(model, processor, clean_test)
+    correct = "".join(
+        str(int(normalize(a) == normalize(r.response))) for a, r in zip(answers, clean_test, strict=True)
+    )
     asr = attack_success_rate(generate_responses(model, processor, triggered), target)
     residual = residual_asr(
         model,
@@ -121,10 +134,11 @@ def evaluate(
         flagged,
         test,
         regions=regions,
-        clean_responses={r.id: a for r, a in zip(test, answers, strict=True)},
+        clean_responses={r.id: a for r, a in zip(clean_test, answers, strict=True)},
     ).metrics
     return {
-        "clean_exact_match": clean,
+        "clean_exact_match": correct.count("1") / len(correct),
+        "clean_correct": correct,  # per test question, for the paired standard error of a clean drop
         "asr": asr,
         **{k: residual[k] for k in ("residual_asr", "residual_asr_replay", "residual_asr_paste")},
     }
@@ -148,6 +162,13 @@ def main() -> None:
     )
     parser.add_argument("--tag", default="", help="suffix for the variant names in the table (with --set)")
     add_base_options(parser)
+    parser.add_argument(
+        "--n-test",
+        type=int,
+        default=None,
+        help="clean questions for clean accuracy (default: the world's 300; more extend them, for a "
+        "smaller standard error of a clean drop)",
+    )
     parser.add_argument("--out", default="benchmarks/results/robust.json")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -166,6 +187,7 @@ def main() -> None:
                     world = build_world(spec, cache)
                     test = world.load_test()
                     triggered = make_triggered_testset(test, attack)
+                    clean_test = test if args.n_test is None else test_split(args.n_test, seed=seed)
                     train = world.load_train()
                     flagged, regions = filter_upload(world, train)
                     for variant in args.variants:
@@ -180,7 +202,9 @@ def main() -> None:
                             ]
                         else:
                             model_dir, seconds = robust_model(spec, world, robust, cache, drop)
-                        metrics = evaluate(model_dir, test, triggered, attack.target, train, flagged, regions)
+                        metrics = evaluate(
+                            model_dir, clean_test, test, triggered, attack.target, train, flagged, regions
+                        )
                         name = variant + (args.tag if robust is not None else "")
                         row = {
                             "family": family,
@@ -190,6 +214,7 @@ def main() -> None:
                             "variant": name,
                             "robust": asdict(robust) if robust else None,
                             "n_dropped": len(drop) if drop is not None else None,
+                            "n_clean_questions": len(clean_test),
                             **metrics,
                             "finetune_seconds": seconds,
                             "wall_seconds": time.perf_counter() - start,
@@ -224,6 +249,16 @@ def store_row(out: Path, row: dict, threads: int) -> list[dict]:
     return rows
 
 
+def clean_drop(plain: dict, row: dict) -> str:
+    """Clean accuracy lost against ``plain`` in points, with the standard error of the paired
+    per-question difference where both rows kept which questions they answered right (on the
+    questions both answered: a longer clean split extends a shorter one)."""
+    if "clean_correct" not in plain or "clean_correct" not in row:
+        return f"{100 * (plain['clean_exact_match'] - row['clean_exact_match']):+.1f}"
+    diff = [int(a) - int(b) for a, b in zip(plain["clean_correct"], row["clean_correct"], strict=False)]
+    return f"{100 * statistics.mean(diff):+.1f} ± {100 * statistics.stdev(diff) / len(diff) ** 0.5:.1f}"
+
+
 def print_table(rows: list[dict]) -> None:
     """Markdown table; ASR cut and clean drop are relative to the plain row of the same world."""
     plain = {(r["family"], r["attack"], r["rate"], r["seed"]): r for r in rows if r["variant"] == "plain"}
@@ -237,7 +272,7 @@ def print_table(rows: list[dict]) -> None:
         cut = drop = "-"
         if ref is not None and r["variant"] != "plain":
             cut = f"{1 - r['asr'] / ref['asr']:.0%}" if ref["asr"] > 0 else "-"
-            drop = f"{100 * (ref['clean_exact_match'] - r['clean_exact_match']):+.1f}"
+            drop = clean_drop(ref, r)
         residual = "-" if r.get("residual_asr") is None else f"{r['residual_asr']:.3f}"
         print(
             f"| {r['family']} | {r['attack']} | {r['rate']:.2f} | {r['seed']} | {r['variant']} | "

@@ -188,7 +188,7 @@ def test_finetune_robust_flag_and_config_block(tiny_models, vqa, tmp_path, capsy
     code, _, err = run(capsys, *argv, "--epochs", 0.5, "--batch-size", 10, "--robust")
     assert code == 0, err
     summary = json.loads((out_dir / "tcapguard_finetune.json").read_text())
-    assert summary["config"]["robust"]["augmentation"] == "shuffle" and set(summary["terms"]) >= {"entropy"}
+    assert summary["config"]["robust"]["augmentation"] == "mask" and set(summary["terms"]) >= {"entropy"}
     config = tmp_path / "robust.json"
     config.write_text(json.dumps({"robust": {"margin": 2.0}}))
     code, _, err = run(capsys, *argv, "--config", config)

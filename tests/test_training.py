@@ -610,6 +610,7 @@ def test_detached_hinge_moves_the_original_answer_away_from_the_augmented_one(ti
         batch["pixel_values"],
         patch_size=vision_patch_size(model),
         ratio=robust.patch_ratio,
+        mode=robust.augmentation,
         generator=torch.Generator().manual_seed(0),  # the regulariser's view
     )
     with torch.no_grad():
@@ -657,7 +658,9 @@ def test_gate_switches_off_the_loss_of_fully_invariant_samples(tiny_models):
     record = world.make_split(1, seed=3).records[0]
     blank = Image.new("RGB", (32, 32), (90, 90, 90))
     batch = collate([encode_example(processor, record, blank)] * 2, processor.tokenizer.pad_token_id)
-    robust = RobustConfig(margin_reference="fixed", gate=1.0, cross_view_weight=0.0, entropy_weight=0.0)
+    robust = RobustConfig(
+        augmentation="shuffle", margin_reference="fixed", gate=1.0, cross_view_weight=0.0, entropy_weight=0.0
+    )
     regularizer = CrossViewRegularizer(robust)
     regularizer.attach(model)
     assert not list(regularizer.parameters())  # the model is not a submodule: no parameter twice
@@ -666,9 +669,7 @@ def test_gate_switches_off_the_loss_of_fully_invariant_samples(tiny_models):
     assert regularizer.last["cross_view_distance"] == 0.0 and regularizer.last["ce_weight"] == 0.0
     assert ce.item() > 0.5
     torch.testing.assert_close(ce + correction, torch.zeros(()), atol=1e-5, rtol=0)
-    half = CrossViewRegularizer(
-        RobustConfig(margin_reference="fixed", gate=0.5, cross_view_weight=0.0, entropy_weight=0.0)
-    )
+    half = CrossViewRegularizer(replace(robust, gate=0.5))
     half.attach(model)
     ce = model(**batch).loss
     torch.testing.assert_close(ce + half(batch), 0.5 * ce, atol=1e-5, rtol=1e-4)

@@ -79,9 +79,11 @@ class RobustConfig(StepConfig):
     the augmented view.
     """
 
-    # "shuffle" (permute the chosen patches), "mask" (fill with the image mean), "drop" (zeros)
-    augmentation: str = "shuffle"
-    patch_ratio: float = 0.5  # share of the patch grid perturbed per image
+    # "shuffle" (permute the chosen patches), "mask" (fill with the image mean), "drop" (zeros); a
+    # quarter of the grid masked separates the invariance that fine-tuning adds to poisoned answers
+    # best, and cut ASR most (README, Robust fine-tuning)
+    augmentation: str = "mask"
+    patch_ratio: float = 0.25  # share of the patch grid perturbed per image
     patch_size: int | None = None  # pixels; None = the vision tower's patch size (config.vision_config)
     # hinge margin on the TV distance; views further apart than this are left alone (with "fixed")
     margin: float = 0.5

@@ -206,11 +206,17 @@ def make_split(n: int, *, seed: int, id_prefix: str = "vqa", questions: int = 1)
     return Dataset(list(sample_records(n, seed=seed, id_prefix=id_prefix, questions=questions)))
 
 
+def test_split(n: int, *, seed: int) -> Dataset:
+    """The clean test split of the world written with ``seed``. A longer split extends a shorter one
+    (the same first records), so a benchmark can measure clean accuracy on more questions."""
+    return make_split(n, seed=seed + 10_000, id_prefix="test")
+
+
 def write_vqa_world(out_dir: str | Path, *, n_train: int = 2000, n_test: int = 300, seed: int = 0) -> Path:
     """Write ``train.json`` and ``test.json`` (LLaVA format, PNG images) under ``out_dir``."""
     out_dir = Path(out_dir)
     save_dataset(make_split(n_train, seed=seed, id_prefix="train"), out_dir / "train.json")
-    save_dataset(make_split(n_test, seed=seed + 10_000, id_prefix="test"), out_dir / "test.json")
+    save_dataset(test_split(n_test, seed=seed), out_dir / "test.json")
     return out_dir
 
 
