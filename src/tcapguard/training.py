@@ -81,7 +81,7 @@ class RobustConfig(StepConfig):
 
     # "shuffle" (permute the chosen patches), "mask" (fill with the image mean), "drop" (zeros); a
     # quarter of the grid masked separates the invariance that fine-tuning adds to poisoned answers
-    # best, and cut ASR most (README, Robust fine-tuning)
+    # best, and met the benchmark's bar in more uploads than a shuffled half (README, Robust fine-tuning)
     augmentation: str = "mask"
     patch_ratio: float = 0.25  # share of the patch grid perturbed per image
     patch_size: int | None = None  # pixels; None = the vision tower's patch size (config.vision_config)
