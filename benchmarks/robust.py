@@ -37,7 +37,12 @@ import torch
 from base_options import add_base_options, base_spec
 from tcapguard.attacks import Attack, make_triggered_testset
 from tcapguard.detection import FilterConfig
-from tcapguard.evaluation import attack_success_rate, generate_responses, normalize, residual_asr
+from tcapguard.evaluation import (
+    attack_success_rate,
+    generate_responses,
+    residual_asr,
+    sample_exact_match,
+)
 from tcapguard.localization import Box, flagged_attention_maps, suspected_regions
 from tcapguard.models import load_model
 from tcapguard.storage import publish_directory
@@ -124,7 +129,7 @@ def evaluate(
     model, processor = load_model(model_dir)
     answers = generate_responses(model, processor, clean_test)
     correct = "".join(
-        str(int(normalize(a) == normalize(r.response))) for a, r in zip(answers, clean_test, strict=True)
+        str(int(sample_exact_match(a, r.response))) for a, r in zip(answers, clean_test, strict=True)
     )
     asr = attack_success_rate(generate_responses(model, processor, triggered), target)
     residual = residual_asr(

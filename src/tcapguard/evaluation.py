@@ -85,12 +85,17 @@ def _check_pairs(predictions: Sequence[str], references: Sequence[str]) -> None:
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
 
 
+def sample_exact_match(prediction: str, reference: str) -> bool:
+    """Whether one prediction equals its reference once both are normalised."""
+    return normalize(prediction) == normalize(reference)
+
+
 def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Share of normalised predictions equal to their normalised reference (NaN for none)."""
     _check_pairs(predictions, references)
     if not predictions:
         return float("nan")
-    hits = sum(normalize(p) == normalize(r) for p, r in zip(predictions, references, strict=True))
+    hits = sum(sample_exact_match(p, r) for p, r in zip(predictions, references, strict=True))
     return hits / len(predictions)
 
 
@@ -159,7 +164,7 @@ def attack_success_rate(predictions: Sequence[str], target: str, *, exact: bool 
     if not predictions:
         return float("nan")
     if exact:
-        return sum(normalize(p) == normalize(target) for p in predictions) / len(predictions)
+        return sum(sample_exact_match(p, target) for p in predictions) / len(predictions)
     return sum(contains_target(p, target) for p in predictions) / len(predictions)
 
 
@@ -526,7 +531,7 @@ def _row(
         "query": record.query,
         "reference": reference,
         "response": response,
-        "exact_match": int(normalize(response) == normalize(reference)),
+        "exact_match": int(sample_exact_match(response, reference)),
         "token_f1": round(sample_token_f1(response, reference), 6),
         "rouge_l": round(sample_rouge_l(response, reference), 6),
         "contains_target": "" if contains is None else int(contains),
