@@ -60,6 +60,7 @@ VARIANTS: dict[str, dict | None] = {
     "no_entropy": {"entropy_weight": 0.0},  # gated CE + hinge
     "gate_only": {"cross_view_weight": 0.0, "entropy_weight": 0.0},
     "shuffle": SHUFFLE,  # the views before mask 25% (the reference margin's first measurements)
+    "mask+shuffle": {"augmentation": ["mask", "shuffle"], "patch_ratio": [0.25, 0.5]},  # both views
     # the defaults before the reference margin: a fixed margin, both views carrying gradient
     "fixed_margin": {**SHUFFLE, "margin_reference": "fixed", "detach_augmented": False},
     # the margin relative to the batch (with both views carrying gradient, as measured)

@@ -678,6 +678,51 @@ def test_gate_switches_off_the_loss_of_fully_invariant_samples(tiny_models):
     assert not model._forward_hooks
 
 
+def test_several_views_average_the_hinge_and_take_the_largest_invariance(tiny_models, train_data):
+    """Two views in one regulariser equal each view run alone on the same patches: the hinge (and
+    the logged distance) is their mean, a sample's invariance the larger of the two."""
+    model, processor = tiny_models.load("llava")
+    model.eval()
+    batch = collate(
+        [encode_example(processor, r, train_data.load_image(r)) for r in train_data.records[:1]],
+        processor.tokenizer.pad_token_id,
+    )
+    fixed = {"margin": 1.0, "margin_reference": "fixed", "gate": 0.0, "entropy_weight": 0.0}
+
+    def run(robust: RobustConfig, state: torch.Tensor | None = None) -> CrossViewRegularizer:
+        regularizer = CrossViewRegularizer(robust, seed=0)
+        if state is not None:
+            regularizer.generator.set_state(state)
+        regularizer.attach(model)
+        model(**batch)
+        regularizer.loss = regularizer(batch).item()
+        regularizer.release()
+        return regularizer
+
+    both = run(RobustConfig(augmentation=["mask", "shuffle"], patch_ratio=[0.25, 0.5], **fixed))
+    mask = run(RobustConfig(augmentation="mask", patch_ratio=0.25, **fixed))
+    shuffle = run(RobustConfig(augmentation="shuffle", patch_ratio=0.5, **fixed), mask.generator.get_state())
+    views = (mask.last, shuffle.last)
+    assert mask.last["cross_view_distance"] != shuffle.last["cross_view_distance"]
+    assert both.loss == pytest.approx((mask.loss + shuffle.loss) / 2, rel=1e-5)
+    assert both.last["cross_view_distance"] == pytest.approx(
+        sum(v["cross_view_distance"] for v in views) / 2, rel=1e-5
+    )
+    assert both.last["invariance"] == pytest.approx(max(v["invariance"] for v in views), rel=1e-5)
+
+
+def test_robust_config_views_pair_augmentations_with_ratios():
+    assert RobustConfig().views == [("mask", 0.25)]
+    assert RobustConfig(augmentation=["mask", "shuffle"], patch_ratio=[0.25, 0.5]).views == [
+        ("mask", 0.25),
+        ("shuffle", 0.5),
+    ]
+    assert RobustConfig(augmentation=["mask", "drop"], patch_ratio=0.5).views == [
+        ("mask", 0.5),
+        ("drop", 0.5),
+    ]
+
+
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_robust_finetune_runs_end_to_end(tiny_models, train_data, method, tmp_path):
     model, processor = tiny_models.load("llava")
@@ -717,6 +762,10 @@ def test_robust_finetune_differs_from_plain_and_is_deterministic(tiny_models, tr
     ("settings", "message"),
     [
         ({"augmentation": "blur"}, "augmentation must be one of"),
+        ({"augmentation": []}, "augmentation must be one of"),
+        ({"augmentation": ["mask", "blur"]}, "augmentation must be one of"),
+        ({"augmentation": ["mask", "shuffle"], "patch_ratio": [0.25, 0.5, 0.5]}, "one per augmentation"),
+        ({"augmentation": ["mask", "shuffle"], "patch_ratio": [0.25, 0.0]}, "patch_ratio must be in"),
         ({"patch_ratio": 0.0}, "patch_ratio must be in"),
         ({"patch_size": 0}, "patch_size must be positive"),
         ({"margin": 1.5}, "margin must be in"),
@@ -733,6 +782,8 @@ def test_robust_config_rejects_bad_settings(settings, message):
 def test_robust_config_round_trips_through_finetune_config():
     config = FinetuneConfig(robust=RobustConfig(patch_size=8, margin=0.3))
     assert FinetuneConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    views = FinetuneConfig(robust=RobustConfig(augmentation=["mask", "shuffle"], patch_ratio=[0.25, 0.5]))
+    assert FinetuneConfig.from_dict(json.loads(json.dumps(views.to_dict()))) == views
     assert FinetuneConfig(**config.to_dict()) == config
     with pytest.raises(ValueError, match=r"unknown RobustConfig field\(s\) \['weight'\]"):
         FinetuneConfig.from_dict({"robust": {"weight": 1}})

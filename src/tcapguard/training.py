@@ -81,9 +81,11 @@ class RobustConfig(StepConfig):
 
     # "shuffle" (permute the chosen patches), "mask" (fill with the image mean), "drop" (zeros); a
     # quarter of the grid masked separates the invariance that fine-tuning adds to poisoned answers
-    # best, and met the benchmark's bar in more uploads than a shuffled half (README, Robust fine-tuning)
-    augmentation: str = "mask"
-    patch_ratio: float = 0.25  # share of the patch grid perturbed per image
+    # best, and met the benchmark's bar in more uploads than a shuffled half (README, Robust fine-tuning).
+    # A list runs several views every step (paired with a list of ratios, or all at one ratio): the
+    # hinge is their mean, a sample's invariance the largest (a backdoor need survive one of them)
+    augmentation: str | list[str] = "mask"
+    patch_ratio: float | list[float] = 0.25  # share of the patch grid perturbed per image
     patch_size: int | None = None  # pixels; None = the vision tower's patch size (config.vision_config)
     # hinge margin on the TV distance; views further apart than this are left alone (with "fixed")
     margin: float = 0.5
@@ -99,11 +101,18 @@ class RobustConfig(StepConfig):
     detach_augmented: bool = True
 
     def __post_init__(self) -> None:
-        if self.augmentation not in AUGMENTATIONS:
+        modes, ratios = _as_list(self.augmentation), _as_list(self.patch_ratio)
+        if not modes or any(m not in AUGMENTATIONS for m in modes):
             raise ValueError(
-                f"RobustConfig.augmentation must be one of {AUGMENTATIONS}, got {self.augmentation!r}"
+                f"RobustConfig.augmentation must be one of {AUGMENTATIONS} or a list of them, "
+                f"got {self.augmentation!r}"
             )
-        if not 0 < self.patch_ratio <= 1:
+        if len(ratios) not in (1, len(modes)):
+            raise ValueError(
+                f"RobustConfig.patch_ratio must be one ratio or one per augmentation {modes}, "
+                f"got {self.patch_ratio!r}"
+            )
+        if not all(0 < r <= 1 for r in ratios):
             raise ValueError(f"RobustConfig.patch_ratio must be in (0, 1], got {self.patch_ratio}")
         if self.patch_size is not None and self.patch_size < 1:
             raise ValueError(f"RobustConfig.patch_size must be positive or None, got {self.patch_size}")
@@ -119,6 +128,16 @@ class RobustConfig(StepConfig):
         for name in ("cross_view_weight", "entropy_weight", "entropy_max"):
             if getattr(self, name) < 0:
                 raise ValueError(f"RobustConfig.{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def views(self) -> list[tuple[str, float]]:
+        """The patch views run every step, as ``(augmentation, patch_ratio)`` pairs."""
+        modes, ratios = _as_list(self.augmentation), _as_list(self.patch_ratio)
+        return list(zip(modes, ratios * len(modes) if len(ratios) == 1 else ratios, strict=True))
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, list | tuple) else [value]
 
 
 @dataclass
@@ -533,19 +552,15 @@ class CrossViewRegularizer(torch.nn.Module):
         self.__dict__["_model"] = None
         self.__dict__["_reference"] = None
 
-    def _reference_distance(self, batch: dict[str, torch.Tensor], pixels: torch.Tensor) -> torch.Tensor:
-        """The reference model's distance between the two views (no gradient)."""
-        labels = batch["labels"]
+    def _reference_log_probs(self, batch: dict[str, torch.Tensor], pixels: torch.Tensor) -> torch.Tensor:
+        """The reference model's response log-probabilities with ``pixels`` as the images (no gradient)."""
         with torch.no_grad():
             if self._reference is None:  # peft: the same model with its adapters off
                 with self._model.disable_adapter():
-                    original = self._model(**batch).logits
-                    augmented = self._model(**{**batch, "pixel_values": pixels}).logits
+                    logits = self._model(**{**batch, "pixel_values": pixels}).logits
             else:
-                original = self._reference(**batch).logits
-                augmented = self._reference(**{**batch, "pixel_values": pixels}).logits
-        log_p, mask = response_distributions(original, labels)
-        return cross_view_distance(log_p, response_distributions(augmented, labels)[0], mask)
+                logits = self._reference(**{**batch, "pixel_values": pixels}).logits
+        return response_distributions(logits, batch["labels"])[0]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self._model is None or self._logits is None:
@@ -556,27 +571,40 @@ class CrossViewRegularizer(torch.nn.Module):
         log_p, mask = response_distributions(logits, labels)
         ce_tokens = -log_p.gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0] * mask
         entropy = response_entropy(log_p, mask)
-        reference = None
         if "pixel_values" in batch:
-            pixels = patch_augment(
-                batch["pixel_values"],
-                patch_size=self.patch_size,
-                ratio=cfg.patch_ratio,
-                mode=cfg.augmentation,
-                generator=self.generator,
-            )
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not cfg.detach_augmented):
-                augmented = self._model(**{**batch, "pixel_values": pixels}).logits
-            log_q, _ = response_distributions(augmented, labels)
-            distance = cross_view_distance(log_p, log_q, mask)
-            if cfg.margin_reference == "reference":
-                reference = self._reference_distance(batch, pixels)
+            reference_log_p = None
+            hinges, invariances, distances, references = [], [], [], []
+            for mode, ratio in cfg.views:
+                pixels = patch_augment(
+                    batch["pixel_values"],
+                    patch_size=self.patch_size,
+                    ratio=ratio,
+                    mode=mode,
+                    generator=self.generator,
+                )
+                with torch.set_grad_enabled(torch.is_grad_enabled() and not cfg.detach_augmented):
+                    augmented = self._model(**{**batch, "pixel_values": pixels}).logits
+                distance = cross_view_distance(log_p, response_distributions(augmented, labels)[0], mask)
+                reference = None
+                if cfg.margin_reference == "reference":
+                    if reference_log_p is None:
+                        reference_log_p = self._reference_log_probs(batch, batch["pixel_values"])
+                    reference = cross_view_distance(
+                        reference_log_p, self._reference_log_probs(batch, pixels), mask
+                    )
+                    references.append(reference)
+                hinge, invariance = cross_view_hinge(distance, cfg, reference=reference)
+                hinges.append(hinge)
+                invariances.append(invariance)
+                distances.append(distance)
+            hinge = torch.stack(hinges).mean(0)
+            invariance = torch.stack(invariances).amax(0)
+            distance = torch.stack(distances).mean(0)
+            reference = torch.stack(references).mean(0) if references else None
         else:  # text-only batch: no image to perturb, so no cross-view evidence either way
             distance = torch.full_like(entropy, cfg.margin)
             reference = distance.detach() if cfg.margin_reference == "reference" else None
-        hinge, invariance = cross_view_hinge(
-            distance, cfg, images="pixel_values" in batch, reference=reference
-        )
+            hinge, invariance = cross_view_hinge(distance, cfg, images=False, reference=reference)
         weight = 1 - cfg.gate * invariance
         gate_correction = ((weight - 1)[:, None] * ce_tokens).sum() / mask.sum().clamp(min=1)
         loss = (
