@@ -50,8 +50,9 @@ MARGIN_REFERENCES = ("fixed", "batch_median", "reference")
 class RobustConfig(StepConfig):
     """Patch cross-view regularisation (robust fine-tuning); see the README for what the benchmark says.
 
-    Every batch is run twice: on the original images and on a patch-augmented view (``augmentation``
-    on a ``patch_ratio`` share of the vision patch grid). Per sample, ``d`` is the total-variation
+    Every batch is run on the original images and on a patch-augmented view (``augmentation`` on a
+    ``patch_ratio`` share of the vision patch grid; with lists, one run per view, see ``views``, the
+    hinge averaged over them and ``s`` their largest). Per sample, ``d`` is the total-variation
     distance between the two views' next-token distributions, at the response token where they differ
     most (0 = the views answer identically, 1 = disjoint). The premise (the paper's): a backdoor's answer
     is abnormally invariant to such non-semantic perturbations (the trigger survives them), a benign
