@@ -5,12 +5,15 @@
     .venv/bin/python benchmarks/robust.py --family llava gemma3 --attacks badnet blend sig wanet text \\
         --rates 0.05 0.10 --seeds 0 1 2 --variants plain robust              # the issue's full grid
     .venv/bin/python benchmarks/robust.py --attacks badnet --variants robust --set margin=0.3
+    .venv/bin/python benchmarks/robust.py --attacks badnet --finetune-seeds 1 2    # run-to-run spread
 
 (a) "plain" is the poisoned world's own fine-tune (the cached world of ``tcapguard.tinyworld``);
 every other variant fine-tunes the same clean base on the same poisoned upload with the same recipe
-plus ``FinetuneConfig.robust``; (c) "tcap" and (d) "tcap+robust" first drop what the pipeline's
-default filter flags (``FilterConfig()`` on the world's profile, given the upload's responses and
-queries).
+plus ``FinetuneConfig.robust``; with ``--finetune-seeds`` other than the world's own (0), "plain"
+is the same fine-tune re-run with that seed (data order, initialisation and views), and every
+variant is compared with the plain row of its seed; (c) "tcap" and (d) "tcap+robust" first drop
+what the pipeline's default filter flags (``FilterConfig()`` on the world's profile, given the
+upload's responses and queries).
 Beside each model's ASR is the estimate a production gate sees without knowing the attack:
 residual ASR (``tcapguard.evaluation.residual_asr``) from the default filter's flags on the upload
 and the trigger regions it localises, replayed and pasted through that model (0 by definition when
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import statistics
@@ -49,6 +53,8 @@ from tcapguard.storage import publish_directory
 from tcapguard.tinyworld import WorldSpec, build_world, default_cache_dir
 from tcapguard.training import RobustConfig, finetune
 from tcapguard.world import test_split
+
+WORLD_FINETUNE_SEED = WorldSpec().finetune.seed  # the seed of the world's own (plain) fine-tune
 
 SHUFFLE = {"augmentation": "shuffle", "patch_ratio": 0.5}
 # Loss-term ablation: each variant is RobustConfig overrides (None = plain fine-tuning).
@@ -166,6 +172,14 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="RobustConfig override applied to every robust variant (repeatable)",
     )
+    parser.add_argument(
+        "--finetune-seeds",
+        nargs="+",
+        type=int,
+        default=[WORLD_FINETUNE_SEED],
+        help="FinetuneConfig.seed of every variant, plain included (default: the world's own); the "
+        "world (upload, poison) stays that of --seeds",
+    )
     parser.add_argument("--tag", default="", help="suffix for the variant names in the table (with --set)")
     add_base_options(parser)
     parser.add_argument(
@@ -196,18 +210,20 @@ def main() -> None:
                     clean_test = test if args.n_test is None else test_split(args.n_test, seed=seed)
                     train = world.load_train()
                     flagged, regions = filter_upload(world, train)
-                    for variant in args.variants:
+                    for finetune_seed, variant in itertools.product(args.finetune_seeds, args.variants):
                         start = time.perf_counter()
                         drop = flagged if variant in FILTERED else None
                         settings = VARIANTS[variant]
                         robust = None if settings is None else RobustConfig(**{**settings, **overrides})
-                        if drop is None and robust is None:  # (a): the world's own fine-tune
+                        own = drop is None and robust is None and finetune_seed == WORLD_FINETUNE_SEED
+                        if own:  # (a): the world's own fine-tune
                             model_dir = world.model
                             seconds = json.loads((model_dir / "tcapguard_finetune.json").read_text())[
                                 "seconds"
                             ]
                         else:
-                            model_dir, seconds = robust_model(spec, world, robust, cache, drop)
+                            seeded = replace(spec, finetune=replace(spec.finetune, seed=finetune_seed))
+                            model_dir, seconds = robust_model(seeded, world, robust, cache, drop)
                         metrics = evaluate(
                             model_dir, clean_test, test, triggered, attack.target, train, flagged, regions
                         )
@@ -217,6 +233,7 @@ def main() -> None:
                             "attack": kind,
                             "rate": rate,
                             "seed": seed,
+                            "finetune_seed": finetune_seed,
                             "variant": name,
                             "robust": asdict(robust) if robust else None,
                             "n_dropped": len(drop) if drop is not None else None,
@@ -227,7 +244,8 @@ def main() -> None:
                         }
                         rows = store_row(out, row, args.threads)
                         print(
-                            f"{family} {kind} {rate:.2f} seed={seed} {name:14s} "
+                            f"{family} {kind} {rate:.2f} seed={seed} finetune_seed={finetune_seed} "
+                            f"{name:14s} "
                             f"clean={metrics['clean_exact_match']:.3f} asr={metrics['asr']:.3f} "
                             f"residual={metrics['residual_asr']:.3f} "
                             f"finetune={seconds:.0f}s",
@@ -236,8 +254,15 @@ def main() -> None:
     print_table(rows)
 
 
+def _world_key(row: dict) -> tuple:
+    """The upload and fine-tune seed a row was measured on (rows from before ``--finetune-seeds``
+    have the world's own)."""
+    seed = row.get("finetune_seed", WORLD_FINETUNE_SEED)
+    return row["family"], row["attack"], row["rate"], row["seed"], seed
+
+
 def _row_key(row: dict) -> tuple:
-    return row["family"], row["attack"], row["rate"], row["seed"], row["variant"]
+    return *_world_key(row), row["variant"]
 
 
 def store_row(out: Path, row: dict, threads: int) -> list[dict]:
@@ -266,22 +291,24 @@ def clean_drop(plain: dict, row: dict) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    """Markdown table; ASR cut and clean drop are relative to the plain row of the same world."""
-    plain = {(r["family"], r["attack"], r["rate"], r["seed"]): r for r in rows if r["variant"] == "plain"}
+    """Markdown table; ASR cut and clean drop are relative to the plain row of the same world and
+    fine-tune seed."""
+    plain = {_world_key(r): r for r in rows if r["variant"] == "plain"}
     print(
-        "\n| family | attack | rate | seed | variant | clean acc | ASR | residual ASR | ASR cut vs plain "
-        "| clean drop (pts) | fine-tune s |"
+        "\n| family | attack | rate | seed | fine-tune seed | variant | clean acc | ASR | residual ASR "
+        "| ASR cut vs plain | clean drop (pts) | fine-tune s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ref = plain.get((r["family"], r["attack"], r["rate"], r["seed"]))
+        ref = plain.get(_world_key(r))
         cut = drop = "-"
         if ref is not None and r["variant"] != "plain":
             cut = f"{1 - r['asr'] / ref['asr']:.0%}" if ref["asr"] > 0 else "-"
             drop = clean_drop(ref, r)
         residual = "-" if r.get("residual_asr") is None else f"{r['residual_asr']:.3f}"
         print(
-            f"| {r['family']} | {r['attack']} | {r['rate']:.2f} | {r['seed']} | {r['variant']} | "
+            f"| {r['family']} | {r['attack']} | {r['rate']:.2f} | {r['seed']} | {_world_key(r)[-1]} | "
+            f"{r['variant']} | "
             f"{r['clean_exact_match']:.3f} | {r['asr']:.3f} | {residual} | {cut} | {drop} | "
             f"{r['finetune_seconds']:.0f} |"
         )
