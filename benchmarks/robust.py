@@ -116,8 +116,12 @@ def robust_model(
             finetune(model, processor, world.load_train().subset(drop or [], exclude=True), config, tmp)
 
         publish_directory(final, build)
-    log = json.loads((final / "tcapguard_finetune.json").read_text())
-    return final, log["seconds"]
+    return final, finetune_seconds(final)
+
+
+def finetune_seconds(model_dir: Path) -> float:
+    """How long the fine-tune that saved ``model_dir`` took, from its ``tcapguard_finetune.json``."""
+    return json.loads((model_dir / "tcapguard_finetune.json").read_text())["seconds"]
 
 
 def evaluate(
@@ -215,12 +219,10 @@ def main() -> None:
                         drop = flagged if variant in FILTERED else None
                         settings = VARIANTS[variant]
                         robust = None if settings is None else RobustConfig(**{**settings, **overrides})
-                        own = drop is None and robust is None and finetune_seed == WORLD_FINETUNE_SEED
+                        own = drop is None and robust is None and finetune_seed == spec.finetune.seed
                         if own:  # (a): the world's own fine-tune
                             model_dir = world.model
-                            seconds = json.loads((model_dir / "tcapguard_finetune.json").read_text())[
-                                "seconds"
-                            ]
+                            seconds = finetune_seconds(model_dir)
                         else:
                             seeded = replace(spec, finetune=replace(spec.finetune, seed=finetune_seed))
                             model_dir, seconds = robust_model(seeded, world, robust, cache, drop)
@@ -300,14 +302,15 @@ def print_table(rows: list[dict]) -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ref = plain.get(_world_key(r))
+        key = _world_key(r)
+        ref = plain.get(key)
         cut = drop = "-"
         if ref is not None and r["variant"] != "plain":
             cut = f"{1 - r['asr'] / ref['asr']:.0%}" if ref["asr"] > 0 else "-"
             drop = clean_drop(ref, r)
         residual = "-" if r.get("residual_asr") is None else f"{r['residual_asr']:.3f}"
         print(
-            f"| {r['family']} | {r['attack']} | {r['rate']:.2f} | {r['seed']} | {_world_key(r)[-1]} | "
+            f"| {r['family']} | {r['attack']} | {r['rate']:.2f} | {r['seed']} | {key[-1]} | "
             f"{r['variant']} | "
             f"{r['clean_exact_match']:.3f} | {r['asr']:.3f} | {residual} | {cut} | {drop} | "
             f"{r['finetune_seconds']:.0f} |"
