@@ -26,7 +26,9 @@ from tcapguard.detection_report import (
     write_flagged_table,
     write_report,
 )
+from tcapguard.evaluation import suspected_target
 from tcapguard.synthetic import make_profile
+from tcapguard.text import normalize
 from tcapguard.world import PHRASINGS
 
 
@@ -243,6 +245,21 @@ def test_responses_tell_a_backdoor_group_from_clean_structure():
     common = np.where(profile.poisoned | outside, "two", varied)
     shared = TCAPFilter().fit(profile, responses=common.tolist())
     assert shared.labels_.sum() == 0 and "common outside them" in shared.decision_
+
+
+def test_the_filter_reads_responses_as_the_evaluation_does():
+    """A target written three ways is one answer to the filter, as to the evaluation: the group
+    agrees on it, and the target the filter reports is the evaluation's suspected target of the
+    flagged samples (what the residual ASR replays)."""
+    profile = make_profile(rate=0.1, seed=1)
+    responses = np.array([f"answer {i % 7}" for i in range(len(profile.ids))], dtype=object)
+    spellings = ["Backdoor-Attack!", "backdoor attack", "BACKDOOR ATTACK."]
+    poisoned = np.flatnonzero(profile.poisoned)
+    responses[poisoned] = [spellings[i % 3] for i in range(len(poisoned))]
+    found = TCAPFilter().fit(profile, responses=responses.tolist())
+    assert f1_score(profile.poisoned, found.labels_) >= 0.9
+    flagged = responses[found.labels_].tolist()
+    assert found.target_response_ == suspected_target(flagged) == normalize("Backdoor Attack!")
 
 
 def test_a_target_partly_given_outside_the_group_passes_at_the_default_bar():

@@ -25,7 +25,6 @@ from tcapguard.evaluation import (
     exact_match,
     load_regions,
     metrics_schema,
-    normalize,
     paste_region,
     residual_asr,
     rouge_l,
@@ -33,6 +32,7 @@ from tcapguard.evaluation import (
     token_f1,
     validate_metrics,
 )
+from tcapguard.text import normalize
 from tcapguard.training import FinetuneConfig, finetune
 
 TARGET = "Backdoor Attack!"

@@ -82,6 +82,7 @@ import numpy as np
 from tcapguard.config import StepConfig
 from tcapguard.conformal import member_pvalues, storey_qvalues
 from tcapguard.mixtures import GaussianMixture1D
+from tcapguard.text import normalize
 from tcapguard.voting import DawidSkeneResult, dawid_skene, restrict_positives
 
 if TYPE_CHECKING:
@@ -172,11 +173,11 @@ def _check_count(texts: Sequence[str] | None, n: int, what: str) -> None:
 
 
 def _normalized_responses(responses: Sequence[str] | None, n: int) -> np.ndarray | None:
-    """Responses lower-cased with whitespace and punctuation at the ends dropped, as an array."""
+    """Responses as :func:`tcapguard.text.normalize` reads them, as an array."""
     _check_count(responses, n, "responses")
     if responses is None:
         return None
-    return np.array([" ".join(str(r).lower().split()).strip(" .!?,;:") for r in responses], dtype=object)
+    return np.array([normalize(str(r)) for r in responses], dtype=object)
 
 
 def _commonest(answers: np.ndarray) -> str:

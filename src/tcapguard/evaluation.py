@@ -19,8 +19,6 @@ import csv
 import io
 import json
 import math
-import re
-import unicodedata
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -38,6 +36,7 @@ from tcapguard.config import StepConfig
 from tcapguard.data import Dataset, Record
 from tcapguard.runtime import tune_cpu_allocator
 from tcapguard.storage import read_bytes, write_bytes
+from tcapguard.text import normalize
 from tcapguard.training import collate, render_prompt
 
 SCHEMA_VERSION = "1.1"  # 1.1: residual_asr is the worse probe, not the pooled one
@@ -71,13 +70,6 @@ Box = tuple[int, int, int, int]  # (x0, y0, x1, y1) in pixels, x1/y1 exclusive
 
 
 # --------------------------------------------------------------------------------------------- metrics
-
-
-def normalize(text: str) -> str:
-    """Lower-case, NFKC, punctuation dropped, whitespace collapsed."""
-    text = unicodedata.normalize("NFKC", text).lower()
-    text = re.sub(r"[^\w\s]", " ", text)
-    return " ".join(text.split())
 
 
 def _check_pairs(predictions: Sequence[str], references: Sequence[str]) -> None:
