@@ -1,6 +1,7 @@
 """TCAP and BYE filters on synthetic profiles with planted poison (tcapguard.synthetic)."""
 
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -181,12 +182,14 @@ def test_filter_config_builds_the_configured_estimator():
         FilterConfig(split_rule="middle")
 
 
-def test_filter_config_fits_with_the_texts_it_asks_for(poisoned):
+def test_filter_config_fits_with_the_texts_it_asks_for(poisoned, caplog):
     responses = np.where(poisoned.poisoned, "backdoor attack", "other").tolist()
     queries = [f"question {i}" for i in range(len(responses))]
     with_responses = FilterConfig().fit(poisoned, responses, queries)
     assert with_responses.features_ == ["system", "vision", "text"]  # "auto" saw the responses
-    assert FilterConfig(use_responses=False).fit(poisoned, responses).features_ == ["system"]
+    with caplog.at_level(logging.WARNING, logger="tcapguard.detection"):
+        assert FilterConfig(use_responses=False).fit(poisoned, responses).features_ == ["system"]
+    assert "use_responses=False" in caplog.text  # the footprint rule alone false-flags clean structure
     assert isinstance(FilterConfig(method="bye").fit(poisoned, responses), BYEFilter)
     assert FilterConfig(max_query_auroc=None).fit(poisoned, responses).features_ == [
         "system",

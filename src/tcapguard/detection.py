@@ -1354,7 +1354,14 @@ class FilterConfig(StepConfig):
         go to TCAP when ``use_responses`` (and are required then; the queries only while
         ``max_query_auroc`` is set)."""
         estimator = self.to_estimator()
-        if isinstance(estimator, BYEFilter) or not self.use_responses:
+        if isinstance(estimator, BYEFilter):
+            return estimator.fit(profile)
+        if not self.use_responses:
+            log.warning(
+                "FilterConfig(use_responses=False): without the responses only the footprint rule "
+                "tells a backdoor from clean structure; in 7 of 12 tiny worlds it flagged 267-397 "
+                "samples, almost none poisoned (README, The filter)"
+            )
             return estimator.fit(profile)
         if responses is None:
             raise ValueError("FilterConfig(use_responses=True) needs the upload's responses")
