@@ -282,14 +282,19 @@ def store_row(out: Path, row: dict, threads: int) -> list[dict]:
     return rows
 
 
-def clean_drop(plain: dict, row: dict) -> str:
-    """Clean accuracy lost against ``plain`` in points, with the standard error of the paired
+def clean_drop_points(plain: dict, row: dict) -> tuple[float, float | None]:
+    """Clean accuracy lost against ``plain`` in points, and the standard error of the paired
     per-question difference where both rows kept which questions they answered right (on the
-    questions both answered: a longer clean split extends a shorter one)."""
+    questions both answered: a longer clean split extends a shorter one; else None)."""
     if "clean_correct" not in plain or "clean_correct" not in row:
-        return f"{100 * (plain['clean_exact_match'] - row['clean_exact_match']):+.1f}"
+        return 100 * (plain["clean_exact_match"] - row["clean_exact_match"]), None
     diff = [int(a) - int(b) for a, b in zip(plain["clean_correct"], row["clean_correct"], strict=False)]
-    return f"{100 * statistics.mean(diff):+.1f} ± {100 * statistics.stdev(diff) / len(diff) ** 0.5:.1f}"
+    return 100 * statistics.mean(diff), 100 * statistics.stdev(diff) / len(diff) ** 0.5
+
+
+def clean_drop(plain: dict, row: dict) -> str:
+    drop, se = clean_drop_points(plain, row)
+    return f"{drop:+.1f}" if se is None else f"{drop:+.1f} ± {se:.1f}"
 
 
 def print_table(rows: list[dict]) -> None:
