@@ -282,6 +282,11 @@ def store_row(out: Path, row: dict, threads: int) -> list[dict]:
     return rows
 
 
+def asr_cut(plain: dict, row: dict) -> float | None:
+    """The share of ``plain``'s attack success that ``row`` removed (None when plain has none)."""
+    return 1 - row["asr"] / plain["asr"] if plain["asr"] > 0 else None
+
+
 def clean_drop_points(plain: dict, row: dict) -> tuple[float, float | None]:
     """Clean accuracy lost against ``plain`` in points, and the standard error of the paired
     per-question difference where both rows kept which questions they answered right (on the
@@ -311,7 +316,8 @@ def print_table(rows: list[dict]) -> None:
         ref = plain.get(key)
         cut = drop = "-"
         if ref is not None and r["variant"] != "plain":
-            cut = f"{1 - r['asr'] / ref['asr']:.0%}" if ref["asr"] > 0 else "-"
+            share = asr_cut(ref, r)
+            cut = "-" if share is None else f"{share:.0%}"
             drop = clean_drop(ref, r)
         residual = "-" if r.get("residual_asr") is None else f"{r['residual_asr']:.3f}"
         print(

@@ -34,7 +34,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from robust import _world_key, clean_drop_points
+from robust import _world_key, asr_cut, clean_drop_points
 
 MIN_CUT, MAX_CLEAN_DROP = 0.5, 2.0  # issue 4's bar (b)
 
@@ -58,7 +58,7 @@ def runs_by_upload(rows: list[dict]) -> dict[tuple, list[Run]]:
         if r["variant"] == "plain" or ref is None or r.get("residual_asr") is None:
             continue
         keeps_clean = clean_drop_points(ref, r)[0] <= MAX_CLEAN_DROP
-        cut = 1 - r["asr"] / ref["asr"] if ref["asr"] > 0 else 0.0
+        cut = asr_cut(ref, r) or 0.0
         runs[(*_world_key(r)[:-1], r["variant"])].append(Run(r, keeps_clean, keeps_clean and cut >= MIN_CUT))
     return runs
 
