@@ -11,9 +11,10 @@ whether spending more fine-tunes and keeping the lowest residual ASR buys the ba
 reads the rows of ``benchmarks/robust.py --finetune-seeds`` and, per upload and robust variant:
 
 - one run: the share of its runs (fine-tune seeds) that meet the bar;
-- best of k by residual ASR: over every k of the seeds run, of the models within the clean-drop
-  bar (the evaluation measures it, so a gate sees it) the one with the lowest residual ASR kept;
-  best of k by true ASR is the same with an oracle that no deployment has (the ceiling);
+- best of k by residual ASR: over every k of the seeds run, the model that the pipeline's select
+  step keeps (``tcapguard.selection.select``: of the models within the clean-drop bar, the one with
+  the lowest residual ASR); best of k by true ASR is the same rule given the true ASR, an oracle
+  that no deployment has (the ceiling);
 - retry: fine-tune, and while the model is outside the clean-drop bar or its residual ASR is above
   ``--retry-above``, fine-tune again with another seed (up to all seeds measured), keeping the best
   as above; over every order of the seeds, the share that meets the bar and the mean number of
@@ -35,17 +36,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from robust import _world_key, asr_cut, clean_drop_points
+from tcapguard.selection import Candidate, select
 
-MIN_CUT, MAX_CLEAN_DROP = 0.5, 2.0  # issue 4's bar (b)
+MIN_CUT, MAX_CLEAN_DROP = 0.5, 2.0  # issue 4's bar (b); the clean drop in points
 
 
 @dataclass(frozen=True)
 class Run:
-    """One robust fine-tune: its results row, and whether it keeps clean accuracy and meets the bar."""
+    """One robust fine-tune: its results row, its clean drop (points) against plain, and whether it
+    keeps clean accuracy and meets the bar."""
 
     row: dict
-    keeps_clean: bool
+    clean_drop: float
     meets_bar: bool
+
+    @property
+    def keeps_clean(self) -> bool:
+        return self.clean_drop <= MAX_CLEAN_DROP
 
 
 def runs_by_upload(rows: list[dict]) -> dict[tuple, list[Run]]:
@@ -57,16 +64,21 @@ def runs_by_upload(rows: list[dict]) -> dict[tuple, list[Run]]:
         ref = plain.get(_world_key(r))
         if r["variant"] == "plain" or ref is None or r.get("residual_asr") is None:
             continue
-        keeps_clean = clean_drop_points(ref, r)[0] <= MAX_CLEAN_DROP
+        drop = clean_drop_points(ref, r)[0]
         cut = asr_cut(ref, r) or 0.0
-        runs[(*_world_key(r)[:-1], r["variant"])].append(Run(r, keeps_clean, keeps_clean and cut >= MIN_CUT))
+        runs[(*_world_key(r)[:-1], r["variant"])].append(
+            Run(r, drop, drop <= MAX_CLEAN_DROP and cut >= MIN_CUT)
+        )
     return runs
 
 
 def pick(runs: tuple[Run, ...], by: str) -> Run:
-    """The run a gate keeps: the lowest ``by`` of those that keep clean accuracy (of all if none
-    does); ties go to the earlier run."""
-    return min(runs, key=lambda run: (not run.keeps_clean, run.row[by]))
+    """The run the pipeline's select step keeps, given ``by`` as each run's residual ASR."""
+    candidates = [
+        Candidate(i, "", run.row["clean_exact_match"], run.clean_drop, run.row[by])
+        for i, run in enumerate(runs)
+    ]
+    return runs[select(candidates, max_clean_drop=MAX_CLEAN_DROP).seed]
 
 
 def best_of(runs: list[Run], k: int, by: str) -> float | None:

@@ -2,8 +2,9 @@
 task makes one call into tcapguard (in-process) or runs `tcapguard step NAME CONFIG` in the tcapguard
 image (a pod), so the DAG holds no step logic and no thresholds.
 
-    resolve_config -> choose_mode -> local.*  (one @task per step, profile mapped over workers)
-                                  \\-> kubernetes.* (one pod per step, profile mapped over workers)
+    resolve_config -> choose_mode -> local.*  (one @task per step, profile mapped over workers,
+                                               finetune over the config's fine-tune seeds)
+                                  \\-> kubernetes.* (one pod per step, mapped the same way)
                    -> verdict -> promote (gate passed) | reject (gate failed: fails the run)
 
 Trigger with conf, e.g. ``{"config": "s3://bucket/pipeline.yaml", "model": "...", "policy": {...}}``.
@@ -31,11 +32,12 @@ STEPS = (
     "merge-profile",
     "filter",
     "finetune",
+    "select",
     "evaluate-probe",
     "evaluate",
     "gate",
 )
-GPU_STEPS = {"probe-finetune", "profile", "finetune", "evaluate-probe", "evaluate"}
+GPU_STEPS = {"probe-finetune", "profile", "finetune", "select", "evaluate-probe", "evaluate"}
 
 # Kubernetes mode: names an operator sets up once (Variables with these defaults, Secrets, a PVC).
 IMAGE = "ghcr.io/tcapguard/tcapguard:0.1.0"  # moves with the package version (tests check)
@@ -75,6 +77,14 @@ def shards() -> list[dict[str, int]]:
     return [{"worker": i, "workers": workers} for i in range(workers)]
 
 
+@task
+def candidates(config: str) -> list[dict[str, int]]:
+    """One entry per fine-tune (the mapped finetune tasks' arguments): a seed each."""
+    from tcapguard.orchestration import finetune_seeds
+
+    return [{"seed": seed} for seed in finetune_seeds(config)]
+
+
 @task.branch
 def choose_mode() -> str:
     """``local`` or ``kubernetes``: the run's conf, else the Variable ``tcapguard_mode``, else local."""
@@ -85,11 +95,13 @@ def choose_mode() -> str:
 
 
 @task(retries=2, retry_delay=timedelta(minutes=1))
-def run_step(config: str, name: str, worker: int = 0, workers: int = 1) -> dict[str, Any]:
+def run_step(
+    config: str, name: str, worker: int = 0, workers: int = 1, seed: int | None = None
+) -> dict[str, Any]:
     """One step in this worker process (its outputs are URIs and small figures: XCom-sized)."""
     from tcapguard.orchestration import run_step as run
 
-    return run(config, name, worker=worker, workers=workers)
+    return run(config, name, worker=worker, workers=workers, seed=seed)
 
 
 def _pod_script(name: str, extra: str = "") -> str:
@@ -131,9 +143,10 @@ def _pod_settings(name: str) -> dict[str, Any]:
 
 
 @task
-def pod_arguments(shard_list: list[dict[str, int]]) -> list[list[str]]:
-    """The mapped profile pods' arguments, one per worker."""
-    return [[_pod_script("profile", f" --worker {s['worker']} --workers {s['workers']}")] for s in shard_list]
+def pod_arguments(name: str, mapped: list[dict[str, int]]) -> list[list[str]]:
+    """The mapped pods' arguments of step ``name``, one per entry (``{"worker": 0, "workers": 2}`` is
+    ``--worker 0 --workers 2``)."""
+    return [[_pod_script(name, "".join(f" --{k} {v}" for k, v in kwargs.items()))] for kwargs in mapped]
 
 
 @task.branch(trigger_rule="none_failed_min_one_success")
@@ -196,16 +209,18 @@ def reject() -> None:
 )
 def tcapguard_backdoor_gate():
     config = resolve_config()
-    fanout = shards()
+    fanout = {"profile": shards(), "finetune": candidates(config)}
     mode = choose_mode()
     config >> mode
 
     with TaskGroup("local") as local:
         previous = None
         for name in STEPS:
-            if name == "profile":
+            if name in fanout:
                 current = (
-                    run_step.override(task_id=name).partial(config=config, name=name).expand_kwargs(fanout)
+                    run_step.override(task_id=name)
+                    .partial(config=config, name=name)
+                    .expand_kwargs(fanout[name])
                 )
             else:
                 current = run_step.override(task_id=name)(config=config, name=name)
@@ -215,8 +230,8 @@ def tcapguard_backdoor_gate():
     with TaskGroup("kubernetes") as kubernetes:
         previous = None
         for name in STEPS:
-            if name == "profile":
-                arguments = pod_arguments(fanout)
+            if name in fanout:
+                arguments = pod_arguments.override(task_id=f"{name}_arguments")(name, fanout[name])
                 mode >> arguments  # skipped with the rest of the group in local mode
                 current = KubernetesPodOperator.partial(task_id=name, **_pod_settings(name)).expand(
                     arguments=arguments

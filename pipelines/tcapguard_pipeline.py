@@ -1,7 +1,9 @@
 """The backdoor scan-and-gate job as a Kubeflow pipeline: wiring only, every task is one component.
 
 probe fine-tune -> attention profiling (ParallelFor over worker indices) -> merge -> TCAP filter ->
-fine-tune -> evaluate probe / final -> gate -> If passed: promote, Else: reject (fails the run).
+fine-tune (ParallelFor over the config's fine-tune seeds) -> select (one of them; a pass-through
+without selection.seeds) -> evaluate probe / final -> gate -> If passed: promote, Else: reject
+(fails the run).
 
 Compile with ``python -m pipelines.tcapguard_pipeline`` (writes ``pipelines/tcapguard_pipeline.yaml``);
 tests/test_kfp.py fails when the committed YAML is stale.
@@ -13,12 +15,14 @@ from pathlib import Path
 from components import (
     evaluate,
     finetune,
+    finetune_seeds,
     gate,
     merge_profile,
     probe_finetune,
     profile_attention,
     promote,
     reject,
+    select_model,
     tcap_filter,
     worker_indices,
 )
@@ -37,8 +41,8 @@ GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")
 GPU_TYPE = "nvidia.com/gpu"
 
 # Each step task's display name is its step in tcapguard.pipeline.STEP_FUNCTIONS (tests compare them);
-# worker-indices (the fan-out), promote and reject are the pipeline's own.
-FANOUT_AND_VERDICT_TASKS = ("worker-indices", "promote", "reject")
+# worker-indices and finetune-seeds (the fan-outs), promote and reject are the pipeline's own.
+FANOUT_AND_VERDICT_TASKS = ("worker-indices", "finetune-seeds", "promote", "reject")
 
 
 def _on_cluster(task: dsl.PipelineTask, *, gpu: bool = False) -> dsl.PipelineTask:
@@ -86,8 +90,12 @@ def tcapguard_backdoor_gate(config: str, num_workers: int = 2):
     merged = _on_cluster(merge_profile(config=config).after(shard)).set_display_name("merge-profile")
     filtered = _on_cluster(tcap_filter(config=config, profile=merged.outputs["profile"]))
     filtered.set_display_name("filter")
-    final = _on_cluster(finetune(config=config, clean_train=filtered.outputs["clean_train"]), gpu=True)
-    final.set_display_name("finetune")
+    seeds = _on_cluster(finetune_seeds(config=config)).set_display_name("finetune-seeds")
+    with dsl.ParallelFor(items=seeds.output) as seed:
+        tuned = finetune(config=config, clean_train=filtered.outputs["clean_train"], seed=seed)
+        _on_cluster(tuned, gpu=True).set_display_name("finetune")
+    final = select_model(config=config, candidates=dsl.Collected(tuned.outputs["model"]))
+    _on_cluster(final, gpu=True).set_display_name("select")
     before = evaluate(config=config, model=probe.outputs["probe_model"], which="probe").after(filtered)
     _on_cluster(before, gpu=True).set_display_name("evaluate-probe")
     after = _on_cluster(evaluate(config=config, model=final.outputs["model"], which="final"), gpu=True)

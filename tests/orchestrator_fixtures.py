@@ -30,6 +30,7 @@ def tiny_config(root: Path, model_dir: Path, *, tracking_uri: str, registered_mo
     from tcapguard.data import load_dataset, save_dataset
 
     data = world.write_vqa_world(root / "data", n_train=24, n_test=6, seed=0)
+    save_dataset(world.test_split(6, seed=1), data / "validation.json")  # for selection.seeds
     poisoned, manifest = poison_dataset(
         load_dataset(data / "train.json"), Attack.preset("badnet"), rate=0.25, seed=0
     )
@@ -41,6 +42,7 @@ def tiny_config(root: Path, model_dir: Path, *, tracking_uri: str, registered_mo
         "data": {
             "train": str(data / "upload.json"),
             "test": str(data / "test.json"),
+            "validation": str(data / "validation.json"),
             "manifest": str(data / "manifest.json"),
         },
         "work_dir": str(root / "runs"),

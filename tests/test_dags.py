@@ -20,6 +20,9 @@ def _dag(airflow_db):
     return bag.get_dag("tcapguard_backdoor_gate")
 
 
+ARGUMENT_TASKS = {"profile_arguments", "finetune_arguments"}  # the mapped pods' arguments
+
+
 def test_the_dag_parses_cheaply(airflow_db):
     start = time.perf_counter()
     dag = _dag(airflow_db)
@@ -27,12 +30,14 @@ def test_the_dag_parses_cheaply(airflow_db):
     assert dag.params["mode"] == "" and dag.params["num_workers"] == 2
     local = {t.task_id for t in dag.tasks if t.task_id.startswith("local.")}
     pods = {t.task_id for t in dag.tasks if t.task_id.startswith("kubernetes.")}
-    assert {t.removeprefix("kubernetes.") for t in pods} - {"pod_arguments"} == {
+    assert {t.removeprefix("kubernetes.") for t in pods} - ARGUMENT_TASKS == {
         t.removeprefix("local.") for t in local
     }
     gate_pod = dag.get_task("kubernetes.gate")
     assert "tcapguard step gate" in gate_pod.arguments[0] and "[ $? -eq 1 ]" in gate_pod.arguments[0]
-    assert dag.get_task("kubernetes.finetune").container_resources.limits == {"nvidia.com/gpu": "1"}
+    assert dag.get_task("kubernetes.evaluate").container_resources.limits == {"nvidia.com/gpu": "1"}
+    tuned = dag.get_task("kubernetes.finetune")  # mapped over the fine-tune seeds
+    assert tuned.partial_kwargs["container_resources"].limits == {"nvidia.com/gpu": "1"}
     assert dag.get_task("kubernetes.filter").container_resources is None
 
 
@@ -59,6 +64,7 @@ def test_local_mode_promotes_on_pass_and_fails_closed(tmp_path, tiny_models, mlf
     config = tiny_config(
         tmp_path, tiny_models.path("llava"), tracking_uri=mlflow_server.uri, registered_model=name
     )
+    config["selection"] = {"seeds": [0, 1]}  # two fine-tunes, mapped like the profile workers
     run = dag.test(run_conf={"config": as_yaml(config), "policy": PASSING, "mode": "local"})
     states = _states(run)
     assert run.state == "success", states
@@ -67,8 +73,11 @@ def test_local_mode_promotes_on_pass_and_fails_closed(tmp_path, tiny_models, mlf
     assert all(states[f"local.{s}"] == "success" for s in ("probe-finetune", "merge-profile", "gate"))
     mapped = [ti for ti in run.get_task_instances() if ti.task_id == "local.profile"]
     assert sorted(ti.map_index for ti in mapped) == [0, 1]
+    tuned = [ti for ti in run.get_task_instances() if ti.task_id == "local.finetune"]
+    assert sorted(ti.map_index for ti in tuned) == [0, 1] and states["local.select"] == "success"
     client = MlflowClient(mlflow_server.uri)
-    assert client.get_model_version_by_alias(name, "champion").version == "1"
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.version == "1" and champion.tags["tcapguard.finetune_seed"] in ("0", "1")
 
     # The same upload, the policy overridden by conf to one it cannot meet: promotion is skipped and
     # the run fails; the version is registered and tagged failed, the alias stays where it was.

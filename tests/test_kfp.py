@@ -38,7 +38,8 @@ def test_the_package_asks_for_gpus_secrets_and_the_work_volume():
     containers = {name: spec["container"] for name, spec in package["deploymentSpec"]["executors"].items()}
     gpu = {name for name, c in containers.items() if c.get("resources", {}).get("accelerator")}
     assert gpu == {
-        f"exec-{n}" for n in ("probe-finetune", "profile-attention", "finetune", "evaluate", "evaluate-2")
+        f"exec-{n}"
+        for n in ("probe-finetune", "profile-attention", "finetune", "select-model", "evaluate", "evaluate-2")
     }
     assert all(c["image"].endswith("-cuda") == (name in gpu) for name, c in containers.items())
     for name in gpu:

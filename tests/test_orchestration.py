@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tcapguard.gate import PolicyError
-from tcapguard.orchestration import load_config, to_yaml
+from tcapguard.orchestration import load_config, run_step, to_yaml
 from tcapguard.pipeline import STEP_FUNCTIONS, PipelineConfigError
 
 ROOT = Path(__file__).parents[1]
@@ -80,10 +80,15 @@ def test_the_dag_runs_the_library_steps_in_order(airflow_db):
     for group in ("local", "kubernetes"):
         tasks = {t.task_id: t for t in dag.tasks if t.task_id.startswith(f"{group}.")}
         names = {tid: tid.removeprefix(f"{group}.") for tid in tasks}
-        steps = {tid: n for tid, n in names.items() if n != "pod_arguments"}
+        steps = {tid: n for tid, n in names.items() if not n.endswith("_arguments")}
         _check_steps(
             {n: {names[u] for u in tasks[tid].upstream_task_ids if u in steps} for tid, n in steps.items()}
         )
+
+
+def test_only_the_fine_tune_takes_a_seed():
+    with pytest.raises(ValueError, match="only the fine-tune step takes a seed, not 'gate'"):
+        run_step(yaml.safe_dump(MINIMAL), "gate", seed=1)
 
 
 # ------------------------------------------------------------------------------------------ load_config

@@ -85,6 +85,38 @@ def test_attacks_accept_names_and_mappings():
 # ------------------------------------------------------------------------------------------ step cache
 
 
+def test_selection_needs_a_validation_split_and_two_seeds():
+    with pytest.raises(PipelineConfigError, match=r"config: selection: .*data\.validation"):
+        PipelineConfig.from_dict({**MINIMAL, "selection": {"seeds": [0, 1]}})
+    data = {**MINIMAL["data"], "validation": "v.json"}
+    with pytest.raises(PipelineConfigError, match="selection: seeds: give two or more"):
+        PipelineConfig.from_dict({**MINIMAL, "data": data, "selection": {"seeds": [3]}})
+    with pytest.raises(PipelineConfigError, match="selection: seeds must differ"):
+        PipelineConfig.from_dict({**MINIMAL, "data": data, "selection": {"seeds": [1, 1]}})
+
+
+def test_a_candidate_at_the_configs_own_seed_reuses_the_lone_fine_tune(tmp_path):
+    data = {}
+    for split, name in (("train", "t.json"), ("test", "e.json"), ("validation", "v.json")):
+        (tmp_path / name).write_text("[]")
+        data[split] = str(tmp_path / name)
+    lone = {**MINIMAL, "data": data, "work_dir": str(tmp_path / "runs")}
+    dirs = pipeline.plan(PipelineConfig.from_dict(lone))
+    selected = pipeline.plan(PipelineConfig.from_dict({**lone, "selection": {"seeds": [1, 0]}}))
+    assert selected["finetune-seed0"] == dirs["finetune"] != selected["finetune-seed1"]
+    assert "finetune" not in selected and "select" not in dirs
+    assert selected["evaluate"] != dirs["evaluate"]  # it judges the kept model, not the lone one
+
+
+def test_a_fine_tune_task_names_one_of_the_configs_seeds():
+    with pytest.raises(ValueError, match=r"seed 5 is not a fine-tune of this config; its seeds: \[0\]"):
+        pipeline.step_finetune(PipelineConfig.from_dict(MINIMAL), seed=5)
+    data = {**MINIMAL["data"], "validation": "v.json"}
+    selected = PipelineConfig.from_dict({**MINIMAL, "data": data, "selection": {"seeds": [0, 1]}})
+    with pytest.raises(ValueError, match=r"one candidate seed at a time, one of \[0, 1\]"):
+        pipeline.step_finetune(selected)
+
+
 def test_a_finished_step_is_reused_and_an_unfinished_one_recomputed(tmp_path):
     calls = []
 
@@ -140,6 +172,35 @@ def test_a_run_killed_after_profiling_resumes_without_recomputing_it(small_run, 
     assert result.samples == 24 and 0 <= result.flagged <= 24
     assert result.gate["version"] == "1" and result.gate["run_id"]
     assert set(result.metrics_after) >= {"asr", "clean_exact_match", "flagged_fraction"}
+
+
+@pytest.mark.slow
+def test_the_model_selection_keeps_is_the_one_evaluated_and_registered(small_run, monkeypatch):
+    from mlflow import MlflowClient
+
+    from tcapguard import selection
+
+    settings = yaml.safe_load(small_run.read_text())
+    config = PipelineConfig.from_dict({**settings, "selection": {"seeds": [0, 1]}})
+    kept = []
+
+    def select_last(candidates, max_clean_drop):  # not the first, so wiring that ignores it fails
+        kept.append(candidates[-1])
+        return candidates[-1]
+
+    monkeypatch.setattr(pipeline, "select", select_last)
+    result = pipeline.run(config)
+    report = json.loads((Path(result.steps["select"]) / "selection.json").read_text())
+    candidates = [selection.Candidate(**c) for c in report["candidates"]]
+    assert [c.seed for c in candidates] == [0, 1] and candidates[0].model != candidates[1].model
+    assert all(c.clean_drop is not None and c.residual_asr is not None for c in candidates)
+    assert report["kept"] == kept[0].to_dict() == candidates[1].to_dict()
+    assert pipeline.final_model(config, result.steps) == candidates[1].model
+    assert {p.name for p in Path(result.steps["select"]).iterdir()} >= {"probe", "seed-0", "seed-1"}
+    assert result.selection["selected_seed"] == 1
+    assert "fine-tune kept     seed 1 of 2" in pipeline.summarize(result, config)
+    version = MlflowClient(config.tracking.tracking_uri).get_model_version("small", result.gate["version"])
+    assert version.tags["tcapguard.finetune_seed"] == "1"
 
 
 def _only_for(function, prefix: str):

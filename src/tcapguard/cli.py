@@ -25,6 +25,7 @@ STEP_NAMES = (
     "merge-profile",
     "filter",
     "finetune",
+    "select",
     "evaluate-probe",
     "evaluate",
     "gate",
@@ -110,7 +111,7 @@ def cmd_step(args: argparse.Namespace) -> int:
     config = PipelineConfig.from_yaml(args.config)
     if args.work_dir:
         config.work_dir = args.work_dir
-    outputs = run_step(config, args.step, worker=args.worker, workers=args.workers)
+    outputs = run_step(config, args.step, worker=args.worker, workers=args.workers, seed=args.seed)
     text = json.dumps(outputs, indent=1)
     if args.outputs_json:
         from tcapguard.storage import write_bytes
@@ -330,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", help="override work_dir")
     p.add_argument("--worker", type=int, default=0, help="profile only: this worker's index")
     p.add_argument("--workers", type=int, default=1, help="profile only: number of parallel workers")
+    p.add_argument(
+        "--seed", type=int, help="finetune only: the candidate's seed (needed with selection.seeds)"
+    )
     p.add_argument("--outputs-json", help="also write the step's outputs (JSON) here")
     p.set_defaults(func=cmd_step)
 

@@ -181,7 +181,9 @@ def _normalized_responses(responses: Sequence[str] | None, n: int) -> np.ndarray
 
 
 def _commonest(answers: np.ndarray) -> str:
-    """The commonest of ``answers`` (ties: the first in sorted order)."""
+    """The commonest of ``answers`` (ties: the first in sorted order). Unlike the evaluation's
+    ``suspected_target`` it counts the empty reading (a punctuation-only answer such as "!!!"): as a
+    backdoor's target it must still be found, though no ASR can match it."""
     values, counts = np.unique(answers.astype(str), return_counts=True)
     return str(values[counts.argmax()])
 

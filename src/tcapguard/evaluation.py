@@ -353,7 +353,8 @@ def generate_responses(
 
 
 def suspected_target(responses: Sequence[str]) -> str | None:
-    """The most common normalised response (ties: the alphabetically first); None for no responses."""
+    """The most common normalised response (ties: the alphabetically first); None for no responses.
+    Empty readings are left out: an empty target is in every answer, so an ASR against it reads 1."""
     counts = Counter(normalize(r) for r in responses)
     counts.pop("", None)
     if not counts:

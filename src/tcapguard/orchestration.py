@@ -17,7 +17,15 @@ from typing import Any
 
 from tcapguard.pipeline import PipelineConfig, PipelineConfigError
 
-__all__ = ["describe_artifact", "gate_markdown", "load_config", "promotion_notice", "run_step", "to_yaml"]
+__all__ = [
+    "describe_artifact",
+    "finetune_seeds",
+    "gate_markdown",
+    "load_config",
+    "promotion_notice",
+    "run_step",
+    "to_yaml",
+]
 
 
 def load_config(
@@ -74,20 +82,34 @@ def to_yaml(config: PipelineConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
-def run_step(spec: str | PipelineConfig, name: str, *, worker: int = 0, workers: int = 1) -> dict[str, Any]:
-    """Run step ``name`` for the config and return its outputs, JSON-safe. A step the config switches
-    off (see :func:`tcapguard.pipeline.step_applies`) returns ``{"skipped": True}`` without running."""
-    from tcapguard.pipeline import STEP_FUNCTIONS, step_applies, step_profile
+def run_step(
+    spec: str | PipelineConfig, name: str, *, worker: int = 0, workers: int = 1, seed: int | None = None
+) -> dict[str, Any]:
+    """Run step ``name`` for the config and return its outputs, JSON-safe: the profile step for
+    ``worker`` of ``workers``, the fine-tune at ``seed`` (one of :func:`finetune_seeds`). A step the
+    config switches off (see :func:`tcapguard.pipeline.step_applies`) returns ``{"skipped": True}``
+    without running."""
+    from tcapguard.pipeline import STEP_FUNCTIONS, step_applies, step_finetune, step_profile
 
     config = spec if isinstance(spec, PipelineConfig) else load_config(spec)
+    if seed is not None and name != "finetune":
+        raise ValueError(f"only the fine-tune step takes a seed, not {name!r}")
     if not step_applies(config, name):
         return {"skipped": True, "step": name}
-    outputs = (
-        step_profile(config, worker=worker, workers=workers)
-        if name == "profile"
-        else (STEP_FUNCTIONS[name](config))
-    )
+    if name == "profile":
+        outputs = step_profile(config, worker=worker, workers=workers)
+    elif name == "finetune":
+        outputs = step_finetune(config, seed=seed)
+    else:
+        outputs = STEP_FUNCTIONS[name](config)
     return json.loads(json.dumps(outputs, default=str))
+
+
+def finetune_seeds(spec: str | PipelineConfig) -> list[int]:
+    """The seeds of the config's fine-tune tasks (one task each): the orchestrators' fan-out."""
+    from tcapguard import pipeline
+
+    return pipeline.finetune_seeds(spec if isinstance(spec, PipelineConfig) else load_config(spec))
 
 
 def describe_artifact(artifact: Any, uri: str | None, outputs: Mapping[str, Any]) -> None:

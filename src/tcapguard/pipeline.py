@@ -1,9 +1,10 @@
-"""The main job: probe fine-tune -> profile -> filter -> fine-tune -> evaluate -> gate.
+"""The main job: probe fine-tune -> profile -> filter -> fine-tune (-> select) -> evaluate -> gate.
 
 Each step is a plain function with explicit inputs and outputs (URIs of datasets, model directories,
 profiles, reports), so the CLI, the Airflow DAG and the Kubeflow pipeline call the same code and each
-step can run in its own container. :func:`run` chains them for one config file and tracks the run in
-MLflow (a parent run, a nested run per step).
+step can run in its own container. With ``selection.seeds`` the fine-tune runs once per seed (a task
+each in the orchestrators) and the select step keeps one (:mod:`tcapguard.selection`). :func:`run`
+chains them for one config file and tracks the run in MLflow (a parent run, a nested run per step).
 
 Steps are idempotent: a step's outputs live under ``<work_dir>/<step>-<key>``, where the key hashes
 the step's settings and its inputs' keys (the upload's bytes for the data, the source for the base
@@ -20,7 +21,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,6 +35,7 @@ from tcapguard.detection import FilterConfig
 from tcapguard.evaluation import SCHEMA_VERSION, Detection, EvaluationConfig
 from tcapguard.gate import GatePolicy
 from tcapguard.profiling import ProfileConfig
+from tcapguard.selection import Candidate, SelectionConfig, select
 from tcapguard.storage import download_prefix, exists, is_s3, publish_directory, read_bytes, write_bytes
 from tcapguard.storage import join as _join
 from tcapguard.training import LABELLING_VERSION, FinetuneConfig
@@ -70,6 +72,7 @@ class DataSettings(StepConfig):
 
     train: str = ""
     test: str = ""
+    validation: str | None = None  # a clean split for choosing among fine-tunes (selection), not judged on
     triggered_test: str | None = None  # a user-supplied triggered split for ASR (else built from attacks)
     manifest: str | None = None  # ground truth of poisoned ids (red-team runs): detection P/R/F1
     strict: bool = True  # False: skip malformed records (reported) instead of failing
@@ -100,11 +103,19 @@ class PipelineConfig(StepConfig):
     filter: FilterConfig = field(default_factory=FilterConfig)
     filter_enabled: bool = True  # False: fine-tune on the whole upload (a baseline; the gate should fail)
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(method="lora"))
+    selection: SelectionConfig = field(default_factory=SelectionConfig)  # off: one fine-tune
     attacks: list[Attack] = field(default_factory=list)  # attack-eval suite for ASR (red-team probes)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     evaluate_probe: bool = True  # also evaluate the probe model: "before" figures and the clean drop
     gate: GatePolicy = field(default_factory=GatePolicy)
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
+
+    def __post_init__(self) -> None:
+        if self.selection.enabled and not self.data.validation:
+            raise PipelineConfigError(
+                "selection: seeds need data.validation, a clean split to choose on (the gate's test "
+                "split would then both choose the model and judge it)"
+            )
 
     SECTIONS: ClassVar[dict[str, type]] = {
         "model": ModelSettings,
@@ -113,6 +124,7 @@ class PipelineConfig(StepConfig):
         "profile": ProfileConfig,
         "filter": FilterConfig,
         "finetune": FinetuneConfig,
+        "selection": SelectionConfig,
         "evaluation": EvaluationConfig,
         "gate": GatePolicy,
         "tracking": TrackingSettings,
@@ -144,7 +156,10 @@ class PipelineConfig(StepConfig):
                     kwargs[name] = value
             except (TypeError, ValueError, KeyError) as err:
                 raise PipelineConfigError(f"{source}: {name}: {err}") from err
-        config = cls(**kwargs)
+        try:
+            config = cls(**kwargs)
+        except PipelineConfigError as err:
+            raise PipelineConfigError(f"{source}: {err}") from err
         if not isinstance(config.work_dir, str) or not config.work_dir:
             raise PipelineConfigError(f"{source}: work_dir must be a non-empty path or s3:// prefix")
         return config
@@ -432,8 +447,26 @@ def plan(config: PipelineConfig) -> dict[str, str]:
     keys["probe-finetune"] = _key("probe", probe, LABELLING_VERSION, base_key, keys["upload"])
     keys["profile"] = _key("profile", _profile_identity(config.profile), keys["probe-finetune"])
     keys["filter"] = _key("filter", config.filter.to_dict(), config.filter_enabled, keys["profile"])
-    finetune = config.finetune.to_dict()
-    keys["finetune"] = _key("finetune", finetune, LABELLING_VERSION, base_key, keys["filter"])
+    dirs: dict[str, str] = {}
+    for seed in finetune_seeds(config):  # a candidate's key is the lone fine-tune's at the same seed
+        finetune = replace(config.finetune, seed=seed).to_dict()
+        key = _key("finetune", finetune, LABELLING_VERSION, base_key, keys["filter"])
+        keys[finetune_step(config, seed)] = key
+        dirs[finetune_step(config, seed)] = _join(config.work_dir, f"finetune-{key}")
+    if config.selection.enabled:
+        validation_key = file_key(config.data.validation)
+        candidates = [keys[finetune_step(config, seed)] for seed in config.selection.seeds]
+        keys["select"] = _key(
+            "select",
+            config.selection.to_dict(),
+            config.evaluation.to_dict(),
+            SCHEMA_VERSION,
+            validation_key,
+            candidates,
+            keys["probe-finetune"],
+            keys["filter"],
+        )
+    final = "select" if config.selection.enabled else "finetune"
     evaluation = (
         config.evaluation.to_dict(),
         SCHEMA_VERSION,
@@ -444,10 +477,26 @@ def plan(config: PipelineConfig) -> dict[str, str]:
     )
     keys["evaluate-probe"] = _key("evaluate", evaluation, keys["probe-finetune"], keys["filter"])
     keys["evaluate"] = _key(
-        "evaluate", evaluation, keys["finetune"], keys["evaluate-probe"], config.evaluate_probe
+        "evaluate", evaluation, keys[final], keys["evaluate-probe"], config.evaluate_probe
     )
     keys["gate"] = _key("gate", config.gate.to_dict(), config.tracking.to_dict(), keys["evaluate"])
-    return {step: _join(config.work_dir, f"{step}-{key}") for step, key in keys.items()}
+    return {step: dirs.get(step) or _join(config.work_dir, f"{step}-{key}") for step, key in keys.items()}
+
+
+def finetune_seeds(config: PipelineConfig) -> list[int]:
+    """The seeds of the job's fine-tunes: one per ``selection.seeds``, else the config's own."""
+    return list(config.selection.seeds) or [config.finetune.seed]
+
+
+def finetune_step(config: PipelineConfig, seed: int) -> str:
+    """The plan's name for the fine-tune at ``seed``: ``finetune``, or ``finetune-seed<seed>`` for a
+    candidate of the selection."""
+    return f"finetune-seed{seed}" if config.selection.enabled else "finetune"
+
+
+def final_model(config: PipelineConfig, dirs: dict[str, str]) -> str:
+    """The model the evaluation and the gate judge: the fine-tune, or the one the selection kept."""
+    return _outputs(dirs["select" if config.selection.enabled else "finetune"])["model"]
 
 
 def _timed(step_dir: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -540,14 +589,73 @@ def step_filter(config: PipelineConfig, *, dirs: dict[str, str] | None = None) -
     return _timed(dirs["filter"], compute)
 
 
-def step_finetune(config: PipelineConfig, *, dirs: dict[str, str] | None = None) -> dict[str, Any]:
-    """Fine-tune the base model again, on the cleaned upload."""
+def step_finetune(
+    config: PipelineConfig, *, seed: int | None = None, dirs: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Fine-tune the base model again, on the cleaned upload, at ``seed`` (one of
+    :func:`finetune_seeds`; None: the config's own, which selection needs spelled out)."""
+    seeds = finetune_seeds(config)
+    if seed is None and config.selection.enabled:
+        raise ValueError(f"selection is on: fine-tune one candidate seed at a time, one of {seeds}")
+    seed = config.finetune.seed if seed is None else seed
+    if seed not in seeds:
+        raise ValueError(f"seed {seed} is not a fine-tune of this config; its seeds: {seeds}")
     dirs = dirs or plan(config)  # run() plans once; a lone task plans for itself
     clean = _outputs(dirs["filter"])["clean_train"]
+    out = dirs[finetune_step(config, seed)]
+    settings = replace(config.finetune, seed=seed)
     return _timed(
-        dirs["finetune"],
-        lambda: {"model": finetune_model(config.model.source, clean, dirs["finetune"], config.finetune)},
+        out, lambda: {"model": finetune_model(config.model.source, clean, out, settings), "seed": seed}
     )
+
+
+def step_select(config: PipelineConfig, *, dirs: dict[str, str] | None = None) -> dict[str, Any]:
+    """Measure every candidate fine-tune, and the probe model as the clean reference, on the
+    validation split; keep one by :func:`tcapguard.selection.select` (report: ``selection.json``)."""
+    dirs = dirs or plan(config)  # run() plans once; a lone task plans for itself
+    filtered = _outputs(dirs["filter"])
+    probe = _outputs(dirs["probe-finetune"])
+
+    def measure(model: str, name: str, reference: float | None = None) -> dict[str, float | None]:
+        return evaluate_model(
+            model,
+            config.data.validation,
+            _join(dirs["select"], name),
+            config.evaluation,
+            detection=filtered["detection"],
+            train=probe["upload"] if filtered["detection"] else None,
+            regions=filtered.get("regions"),
+            reference_score=reference,
+        )
+
+    def compute() -> dict[str, Any]:
+        reference = measure(probe["model"], "probe")["clean_score"]
+        candidates = []
+        for seed in config.selection.seeds:
+            model = _outputs(dirs[finetune_step(config, seed)])["model"]
+            metrics = measure(model, f"seed-{seed}", reference)
+            candidates.append(
+                Candidate(
+                    seed,
+                    model,
+                    metrics["clean_score"],
+                    metrics.get("clean_drop"),
+                    metrics.get("residual_asr"),
+                )
+            )
+        kept = select(candidates, config.selection.max_clean_drop)
+        report = {
+            "kept": kept.to_dict(),
+            "max_clean_drop": config.selection.max_clean_drop,
+            "probe_clean_score": reference,
+            "candidates": [c.to_dict() for c in candidates],
+        }
+        write_bytes(_join(dirs["select"], "selection.json"), json.dumps(report, indent=1).encode())
+        metrics = {"selected_seed": kept.seed, "candidates": len(candidates)}
+        metrics.update({f"selected_{k}": getattr(kept, k) for k in ("clean_drop", "residual_asr")})
+        return {"model": kept.model, "seed": kept.seed, "metrics": metrics, "artifacts": [dirs["select"]]}
+
+    return _timed(dirs["select"], compute)
 
 
 def step_evaluate(
@@ -562,7 +670,7 @@ def step_evaluate(
     reference = None
     if model == "final" and config.evaluate_probe:
         reference = _outputs(dirs["evaluate-probe"])["metrics"].get("clean_score")
-    source = _outputs(dirs["finetune" if model == "final" else "probe-finetune"])["model"]
+    source = final_model(config, dirs) if model == "final" else _outputs(dirs["probe-finetune"])["model"]
 
     def compute() -> dict[str, Any]:
         metrics = evaluate_model(
@@ -604,13 +712,25 @@ def step_gate(config: PipelineConfig, *, dirs: dict[str, str] | None = None) -> 
             config.tracking.experiment, tracking_uri=config.tracking.tracking_uri, tags=tags
         ) as parent:
             tr.log_config(config.to_dict())
-            for step in ("probe-finetune", "profile", "filter", "finetune", "evaluate-probe", "evaluate"):
-                if is_finished(dirs[step]):
+            candidates = [finetune_step(config, seed) for seed in finetune_seeds(config)]
+            recorded = [
+                "probe-finetune",
+                "profile",
+                "filter",
+                *candidates,
+                "select",
+                "evaluate-probe",
+                "evaluate",
+            ]
+            for step in recorded:
+                if step in dirs and is_finished(dirs[step]):
                     _record_step(step, dirs[step])
             finite = {k: v for k, v in after.items() if v is not None}
             tr.log_metrics(finite)
-            final = _outputs(dirs["finetune"])["model"]
+            final = final_model(config, dirs)
             version_tags = tr.model_version_tags(dataset_hash=upload_key, attack_suite=suite, metrics=finite)
+            if config.selection.enabled:
+                version_tags["tcapguard.finetune_seed"] = str(_outputs(dirs["select"])["seed"])
             with tempfile.TemporaryDirectory() as tmp:
                 if is_s3(final):  # MLflow logs local files: fetch the published model first
                     final = str(download_prefix(final, Path(tmp) / "model"))
@@ -659,6 +779,7 @@ STEP_FUNCTIONS: dict[str, Callable[..., dict[str, Any]]] = {
     "merge-profile": step_merge_profile,
     "filter": step_filter,
     "finetune": step_finetune,
+    "select": step_select,
     "evaluate-probe": lambda config, **kwargs: step_evaluate(config, model="probe", **kwargs),
     "evaluate": step_evaluate,
     "gate": step_gate,
@@ -668,9 +789,12 @@ STEP_FUNCTIONS: dict[str, Callable[..., dict[str, Any]]] = {
 
 def step_applies(config: PipelineConfig, name: str) -> bool:
     """Whether step ``name`` runs for ``config``: no probe evaluation with ``evaluate_probe`` off, no
-    profiling with the filter off. :func:`run` and the orchestrator adapters skip the same steps."""
+    profiling with the filter off, no select step without ``selection.seeds``. :func:`run` and the
+    orchestrator adapters skip the same steps."""
     if name not in STEP_FUNCTIONS:
         raise ValueError(f"unknown step {name!r}; steps: {list(STEP_FUNCTIONS)}")
+    if name == "select":
+        return config.selection.enabled
     if name == "evaluate-probe":
         return config.evaluate_probe
     if name in ("profile", "merge-profile"):
@@ -692,6 +816,7 @@ class RunResult:
     metrics_after: dict[str, float | None]
     gate: dict[str, Any]  # run_id, model_name, version, alias, promoted, passed, reasons
     seconds: dict[str, float]
+    selection: dict[str, Any] | None = None  # the select step's metrics (seed kept...), when it ran
 
     @property
     def passed(self) -> bool:
@@ -705,6 +830,12 @@ def run(config: PipelineConfig, *, progress: Callable[[str], None] = log.info) -
     for name, function in STEP_FUNCTIONS.items():
         if not step_applies(config, name):
             continue
+        if name == "finetune":  # one fine-tune per seed (the orchestrators run them in parallel)
+            for seed in finetune_seeds(config):
+                step_dir = dirs[finetune_step(config, seed)]
+                progress(f"[{name} seed {seed}] {'reusing ' if is_finished(step_dir) else ''}{step_dir}")
+                outputs[finetune_step(config, seed)] = step_finetune(config, seed=seed, dirs=dirs)
+            continue
         step_dir = dirs["profile" if name == "merge-profile" else name]
         progress(f"[{name}] {'reusing ' if is_finished(step_dir) else ''}{step_dir}")
         outputs[name] = function(config, dirs=dirs)
@@ -717,6 +848,7 @@ def run(config: PipelineConfig, *, progress: Callable[[str], None] = log.info) -
         metrics_after=outputs["evaluate"]["metrics"],
         gate=outputs["gate"],
         seconds={k: v["seconds"] for k, v in outputs.items() if "seconds" in v},
+        selection=outputs["select"]["metrics"] if "select" in outputs else None,
     )
 
 
@@ -762,6 +894,15 @@ def summarize(result: RunResult, config: PipelineConfig) -> str:
         f"residual ASR       {fmt(before.get('residual_asr')):>14}   {fmt(after.get('residual_asr'))}",
         f"clean accuracy     {fmt(before.get('clean_exact_match')):>14}   "
         f"{fmt(after.get('clean_exact_match'))}",
+    ]
+    if result.selection:
+        chosen = result.selection
+        lines.append(
+            f"fine-tune kept     seed {chosen['selected_seed']} of {chosen['candidates']} "
+            f"(validation: residual ASR {fmt(chosen['selected_residual_asr'])}, "
+            f"clean drop {fmt(chosen['selected_clean_drop'])})"
+        )
+    lines += [
         f"gate               {'PASSED' if gate['passed'] else 'FAILED'}: "
         + (
             f"{gate['model_name']} v{gate['version']} now holds @{gate['alias']}"
