@@ -43,16 +43,19 @@ MIN_CUT, MAX_CLEAN_DROP = 0.5, 2.0  # issue 4's bar (b); the clean drop in point
 
 @dataclass(frozen=True)
 class Run:
-    """One robust fine-tune: its results row, its clean drop (points) against plain, and whether it
-    keeps clean accuracy and meets the bar."""
+    """One robust fine-tune: its results row, and its clean drop (points) and ASR cut against plain."""
 
     row: dict
     clean_drop: float
-    meets_bar: bool
+    cut: float
 
     @property
     def keeps_clean(self) -> bool:
         return self.clean_drop <= MAX_CLEAN_DROP
+
+    @property
+    def meets_bar(self) -> bool:
+        return self.keeps_clean and self.cut >= MIN_CUT
 
 
 def runs_by_upload(rows: list[dict]) -> dict[tuple, list[Run]]:
@@ -64,11 +67,8 @@ def runs_by_upload(rows: list[dict]) -> dict[tuple, list[Run]]:
         ref = plain.get(_world_key(r))
         if r["variant"] == "plain" or ref is None or r.get("residual_asr") is None:
             continue
-        drop = clean_drop_points(ref, r)[0]
-        cut = asr_cut(ref, r) or 0.0
-        runs[(*_world_key(r)[:-1], r["variant"])].append(
-            Run(r, drop, drop <= MAX_CLEAN_DROP and cut >= MIN_CUT)
-        )
+        run = Run(r, clean_drop_points(ref, r)[0], asr_cut(ref, r) or 0.0)
+        runs[(*_world_key(r)[:-1], r["variant"])].append(run)
     return runs
 
 

@@ -91,7 +91,7 @@ def run_step(
     without running."""
     from tcapguard.pipeline import STEP_FUNCTIONS, step_applies, step_finetune, step_profile
 
-    config = spec if isinstance(spec, PipelineConfig) else load_config(spec)
+    config = _config(spec)
     if seed is not None and name != "finetune":
         raise ValueError(f"only the fine-tune step takes a seed, not {name!r}")
     if not step_applies(config, name):
@@ -109,7 +109,11 @@ def finetune_seeds(spec: str | PipelineConfig) -> list[int]:
     """The seeds of the config's fine-tune tasks (one task each): the orchestrators' fan-out."""
     from tcapguard import pipeline
 
-    return pipeline.finetune_seeds(spec if isinstance(spec, PipelineConfig) else load_config(spec))
+    return pipeline.finetune_seeds(_config(spec))
+
+
+def _config(spec: str | PipelineConfig) -> PipelineConfig:
+    return spec if isinstance(spec, PipelineConfig) else load_config(spec)
 
 
 def describe_artifact(artifact: Any, uri: str | None, outputs: Mapping[str, Any]) -> None:

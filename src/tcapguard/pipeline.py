@@ -609,11 +609,19 @@ def step_finetune(
     )
 
 
+def _residual_probes(dirs: dict[str, str]) -> dict[str, str | None]:
+    """What residual ASR replays through a model: the filter's detection over the upload (none with
+    the filter off) and its suspected regions (absent in outputs written before regions existed)."""
+    filtered = _outputs(dirs["filter"])
+    detection = filtered["detection"]
+    upload = _outputs(dirs["probe-finetune"])["upload"] if detection else None
+    return {"detection": detection, "train": upload, "regions": filtered.get("regions")}
+
+
 def step_select(config: PipelineConfig, *, dirs: dict[str, str] | None = None) -> dict[str, Any]:
     """Measure every candidate fine-tune, and the probe model as the clean reference, on the
     validation split; keep one by :func:`tcapguard.selection.select` (report: ``selection.json``)."""
     dirs = dirs or plan(config)  # run() plans once; a lone task plans for itself
-    filtered = _outputs(dirs["filter"])
     probe = _outputs(dirs["probe-finetune"])
 
     def measure(model: str, name: str, reference: float | None = None) -> dict[str, float | None]:
@@ -622,10 +630,8 @@ def step_select(config: PipelineConfig, *, dirs: dict[str, str] | None = None) -
             config.data.validation,
             _join(dirs["select"], name),
             config.evaluation,
-            detection=filtered["detection"],
-            train=probe["upload"] if filtered["detection"] else None,
-            regions=filtered.get("regions"),
             reference_score=reference,
+            **_residual_probes(dirs),
         )
 
     def compute() -> dict[str, Any]:
@@ -680,11 +686,9 @@ def step_evaluate(
             config.evaluation,
             attacks=config.attacks,
             triggered_test=config.data.triggered_test,
-            detection=filtered["detection"],
-            train=_outputs(dirs["probe-finetune"])["upload"] if filtered["detection"] else None,
-            regions=filtered.get("regions"),  # absent in outputs written before regions existed
             manifest=config.data.manifest,
             reference_score=reference,
+            **_residual_probes(dirs),
         )
         metrics["flagged_fraction"] = filtered["metrics"]["flagged_fraction"]
         return {"metrics": metrics, "artifacts": [dirs[name]]}
