@@ -235,6 +235,24 @@ def test_residual_asr_replay_paste_and_baseline(constant_model, upload, vqa):
     assert {s["split"] for s in result.samples} == {"residual_replay", "residual_paste"}
 
 
+def test_residual_asr_replays_only_its_part_of_the_flagged(constant_model, upload, vqa):
+    model, processor = constant_model
+    train, manifest = upload
+    poisoned = set(manifest.poisoned_ids)
+    flagged = [r.id for r in train if r.id in poisoned]  # upload order
+
+    def replayed(result):
+        return [s["id"] for s in result.samples if s["split"] == "residual_replay"]
+
+    halves = [residual_asr(model, processor, train, flagged, vqa, replay_part=(k, 2)) for k in (0, 1)]
+    assert [replayed(h) for h in halves] == [flagged[0::2], flagged[1::2]]
+    assert all(h.suspected_target == "backdoor attack" for h in halves)  # read from every flagged
+    lone = residual_asr(model, processor, train, flagged[:1], vqa, replay_part=(1, 2))
+    assert replayed(lone) == flagged[:1] and any("empty: replayed them all" in n for n in lone.notes)
+    with pytest.raises(ValueError, match="replay_part"):
+        residual_asr(model, processor, train, flagged, vqa, replay_part=(2, 2))
+
+
 def test_residual_asr_nothing_flagged_is_zero_with_a_note(constant_model, upload, vqa):
     model, processor = constant_model
     result = residual_asr(model, processor, upload[0], [], vqa)

@@ -189,6 +189,14 @@ def test_the_model_selection_keeps_is_the_one_evaluated_and_registered(small_run
         return candidates[-1]
 
     monkeypatch.setattr(pipeline, "select", select_last)
+    calls = []  # (output directory, the part of the flagged samples replayed)
+    evaluate_model = pipeline.evaluate_model
+
+    def recording(model, test, out, evaluation, **kwargs):
+        calls.append((Path(out), kwargs["replay_part"]))
+        return evaluate_model(model, test, out, evaluation, **kwargs)
+
+    monkeypatch.setattr(pipeline, "evaluate_model", recording)
     result = pipeline.run(config)
     report = json.loads((Path(result.steps["select"]) / "selection.json").read_text())
     candidates = [selection.Candidate(**c) for c in report["candidates"]]
@@ -201,6 +209,11 @@ def test_the_model_selection_keeps_is_the_one_evaluated_and_registered(small_run
     assert "fine-tune kept     seed 1 of 2" in pipeline.summarize(result, config)
     version = MlflowClient(config.tracking.tracking_uri).get_model_version("small", result.gate["version"])
     assert version.tags["tcapguard.finetune_seed"] == "1"
+    # the gate's replay probes are not the ones the choice was made on
+    chose = {part for out, part in calls if out.parent == Path(result.steps["select"])}
+    judged = [part for out, part in calls if out == Path(result.steps["evaluate"])]
+    assert len(calls) == 4 and chose == {pipeline.SELECT_REPLAY} and judged == [pipeline.GATE_REPLAY]
+    assert {pipeline.SELECT_REPLAY, pipeline.GATE_REPLAY} == {(0, 2), (1, 2)}
 
 
 def _only_for(function, prefix: str):

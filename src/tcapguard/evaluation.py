@@ -400,6 +400,7 @@ def residual_asr(
     regions: Mapping[str, Box] | None = None,
     config: EvaluationConfig | None = None,
     clean_responses: Mapping[str, str] | None = None,
+    replay_part: tuple[int, int] | None = None,
 ) -> ResidualResult:
     """Residual attack success without knowing the trigger or the target.
 
@@ -413,8 +414,14 @@ def residual_asr(
     them would dilute a backdoor that one probe shows fully alive. Nothing flagged
     gives 0.0 (a clean upload must be able to pass a gate) and a note; paste metrics are None
     without regions. ``clean_responses`` (test id -> response) saves regenerating the unpasted test.
+    ``replay_part`` ``(k, n)`` replays only the flagged samples at positions k, k + n, ... (upload
+    order), so that two readings of one detection, such as choosing among fine-tunes and then judging
+    the one chosen, replay disjoint samples; the suspected target is still read from every flagged
+    sample, and a part with nothing in it replays them all (with a note).
     """
     config = config or EvaluationConfig()
+    if replay_part is not None and not 0 <= replay_part[0] < replay_part[1]:
+        raise ValueError(f"replay_part (k, n) needs 0 <= k < n, got {replay_part}")
     notes: list[str] = []
     metrics: dict[str, float | None] = dict.fromkeys(
         ("residual_asr", "residual_asr_replay", "residual_asr_paste", "residual_asr_paste_baseline")
@@ -434,7 +441,17 @@ def residual_asr(
         f"suspected target {goal!r}: the response of {share:.0%} of the {len(flagged)} flagged samples"
     )
     samples: list[dict] = []
-    replay = Dataset(flagged.records[: config.residual_max_probes], root=flagged.root)
+    replayed = flagged.records
+    if replay_part is not None:
+        k, n = replay_part
+        part = replayed[k::n]
+        notes.append(
+            f"replayed part {k + 1} of {n} of the flagged samples ({len(part)} of {len(replayed)})"
+            if part
+            else f"part {k + 1} of {n} of the {len(replayed)} flagged samples is empty: replayed them all"
+        )
+        replayed = part or replayed
+    replay = Dataset(replayed[: config.residual_max_probes], root=flagged.root)
     answers = generate_responses(
         model,
         processor,
@@ -637,6 +654,7 @@ def evaluate(
     regions: Mapping[str, Box] | None = None,
     reference_model=None,
     reference_score: float | None = None,
+    replay_part: tuple[int, int] | None = None,
 ) -> EvaluationReport:
     """Evaluate ``model`` on a clean ``test`` split and whatever else is given.
 
@@ -645,7 +663,8 @@ def evaluate(
     - Clean drop: against ``reference_model`` (run on the same ``test``, same processor) or a known
       ``reference_score`` (e.g. the reference run's ``clean_score``).
     - Detection precision/recall/F1/AUROC: ``detection`` against ``manifest.poisoned_ids``.
-    - Residual ASR: ``detection``'s flagged ids within ``train`` (optionally ``regions``).
+    - Residual ASR: ``detection``'s flagged ids within ``train`` (optionally ``regions``; which
+      flagged samples replay: ``replay_part``, see :func:`residual_asr`).
 
     Metrics that an absent input leaves undefined are None; ``notes`` say why.
     """
@@ -725,6 +744,7 @@ def evaluate(
                     regions=regions,
                     config=config,
                     clean_responses=clean_by_id,
+                    replay_part=replay_part,
                 )
                 metrics.update(residual.metrics)
                 suspected = residual.suspected_target

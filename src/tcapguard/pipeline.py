@@ -397,10 +397,11 @@ def evaluate_model(
     regions: str | None = None,
     manifest: str | None = None,
     reference_score: float | None = None,
+    replay_part: tuple[int, int] | None = None,
 ) -> dict[str, float | None]:
     """Evaluate ``model``: clean score, ASR per attack of the suite (``asr`` = the worst), residual ASR
-    from the filter's ``detection`` over ``train`` (with ``regions``, its paste probes too); reports
-    under ``out``. Returns the metrics."""
+    from the filter's ``detection`` over ``train`` (with ``regions``, its paste probes too; the
+    flagged samples replayed: ``replay_part``); reports under ``out``. Returns the metrics."""
     from tcapguard.attacks import PoisonManifest, make_triggered_testset
     from tcapguard.evaluation import attack_success_rate, evaluate, generate_responses, load_regions
 
@@ -419,6 +420,7 @@ def evaluate_model(
         regions=load_regions(regions) if regions else None,
         manifest=PoisonManifest.load(manifest) if manifest else None,
         reference_score=reference_score,
+        replay_part=replay_part,
     )
     worst = report.metrics.get("asr")
     for attack in attacks[1 if not triggered_test else 0 :]:
@@ -609,18 +611,32 @@ def step_finetune(
     )
 
 
-def _residual_probes(dirs: dict[str, str]) -> dict[str, str | None]:
+# With selection, the select step and the evaluate steps replay disjoint halves of the flagged
+# samples: judged on the samples it was chosen on, the kept model's replay would read the lowest of
+# several noisy readings of the same probes, an optimistic figure for the gate.
+SELECT_REPLAY = (0, 2)
+GATE_REPLAY = (1, 2)
+
+
+def _residual_probes(dirs: dict[str, str], replay_part: tuple[int, int] | None = None) -> dict[str, Any]:
     """What residual ASR replays through a model: the filter's detection over the upload (none with
-    the filter off) and its suspected regions (absent in outputs written before regions existed)."""
+    the filter off), its suspected regions (absent in outputs written before regions existed) and
+    which part of the flagged samples to replay (None: all)."""
     filtered = _outputs(dirs["filter"])
     detection = filtered["detection"]
     upload = _outputs(dirs["probe-finetune"])["upload"] if detection else None
-    return {"detection": detection, "train": upload, "regions": filtered.get("regions")}
+    return {
+        "detection": detection,
+        "train": upload,
+        "regions": filtered.get("regions"),
+        "replay_part": replay_part,
+    }
 
 
 def step_select(config: PipelineConfig, *, dirs: dict[str, str] | None = None) -> dict[str, Any]:
     """Measure every candidate fine-tune, and the probe model as the clean reference, on the
-    validation split; keep one by :func:`tcapguard.selection.select` (report: ``selection.json``)."""
+    validation split (replaying the half of the flagged samples that the gate does not); keep one
+    by :func:`tcapguard.selection.select` (report: ``selection.json``)."""
     dirs = dirs or plan(config)  # run() plans once; a lone task plans for itself
     probe = _outputs(dirs["probe-finetune"])
 
@@ -631,7 +647,7 @@ def step_select(config: PipelineConfig, *, dirs: dict[str, str] | None = None) -
             _join(dirs["select"], name),
             config.evaluation,
             reference_score=reference,
-            **_residual_probes(dirs),
+            **_residual_probes(dirs, SELECT_REPLAY),
         )
 
     def compute() -> dict[str, Any]:
@@ -688,7 +704,7 @@ def step_evaluate(
             triggered_test=config.data.triggered_test,
             manifest=config.data.manifest,
             reference_score=reference,
-            **_residual_probes(dirs),
+            **_residual_probes(dirs, GATE_REPLAY if config.selection.enabled else None),
         )
         metrics["flagged_fraction"] = filtered["metrics"]["flagged_fraction"]
         return {"metrics": metrics, "artifacts": [dirs[name]]}
