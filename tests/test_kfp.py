@@ -52,9 +52,16 @@ def test_the_package_asks_for_gpus_secrets_and_the_work_volume():
 
 
 @pytest.fixture
-def local_kfp(tmp_path):
+def local_kfp(tmp_path, monkeypatch):
+    import builtins
+
     from kfp import local
 
+    # kfp.local (2.17.3) indents a task's output by replacing builtins.print for the task, and after
+    # this pipeline's local run its wrapper was still in place: every later print in the test
+    # process wrote four spaces to stdout first (a CLI test that expects an empty stdout failed).
+    # monkeypatch puts the real print back at teardown.
+    monkeypatch.setattr(builtins, "print", builtins.print)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp-root"))
     return tmp_path / "kfp-root"
 
