@@ -6,14 +6,16 @@
         --rates 0.05 0.10 --seeds 0 1 2 --variants plain robust              # the issue's full grid
     .venv/bin/python benchmarks/robust.py --attacks badnet --variants robust --set margin=0.3
     .venv/bin/python benchmarks/robust.py --attacks badnet --finetune-seeds 1 2    # run-to-run spread
+    .venv/bin/python benchmarks/robust.py --attacks badnet --recipe method=lora --recipe learning_rate=2e-3
 
 (a) "plain" is the poisoned world's own fine-tune (the cached world of ``tcapguard.tinyworld``);
 every other variant fine-tunes the same clean base on the same poisoned upload with the same recipe
 plus ``FinetuneConfig.robust``; with ``--finetune-seeds`` other than the world's own (0), "plain"
 is the same fine-tune re-run with that seed (data order, initialisation and views), and every
-variant is compared with the plain row of its seed; (c) "tcap" and (d) "tcap+robust" first drop
-what the pipeline's default filter flags (``FilterConfig()`` on the world's profile, given the
-upload's responses and queries).
+variant is compared with the plain row of its seed; likewise with ``--recipe`` (``FinetuneConfig``
+overrides for every variant, plain included, e.g. LoRA in place of full fine-tuning); (c) "tcap"
+and (d) "tcap+robust" first drop what the pipeline's default filter flags (``FilterConfig()`` on
+the world's profile, given the upload's responses and queries).
 Beside each model's ASR is the estimate a production gate sees without knowing the attack:
 residual ASR (``tcapguard.evaluation.residual_asr``) from the default filter's flags on the upload
 and the trigger regions it localises, replayed and pasted through that model (0 by definition when
@@ -184,6 +186,14 @@ def main() -> None:
         help="FinetuneConfig.seed of every variant, plain included (default: the world's own); the "
         "world (upload, poison) stays that of --seeds",
     )
+    parser.add_argument(
+        "--recipe",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="FinetuneConfig override applied to every variant, plain included (repeatable; e.g. "
+        "method=lora): plain is then re-run, not the world's own fine-tune",
+    )
     parser.add_argument("--tag", default="", help="suffix for the variant names in the table (with --set)")
     add_base_options(parser)
     parser.add_argument(
@@ -198,6 +208,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     overrides = dict((k, _value(v)) for k, _, v in (s.partition("=") for s in args.set))
+    recipe_overrides = dict((k, _value(v)) for k, _, v in (s.partition("=") for s in args.recipe))
     cache = default_cache_dir()
     out = Path(args.out)
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
@@ -219,12 +230,13 @@ def main() -> None:
                         drop = flagged if variant in FILTERED else None
                         settings = VARIANTS[variant]
                         robust = None if settings is None else RobustConfig(**{**settings, **overrides})
-                        own = drop is None and robust is None and finetune_seed == spec.finetune.seed
+                        recipe = replace(spec.finetune, **recipe_overrides, seed=finetune_seed)
+                        own = drop is None and robust is None and recipe == spec.finetune
                         if own:  # (a): the world's own fine-tune
                             model_dir = world.model
                             seconds = finetune_seconds(model_dir)
                         else:
-                            seeded = replace(spec, finetune=replace(spec.finetune, seed=finetune_seed))
+                            seeded = replace(spec, finetune=recipe)
                             model_dir, seconds = robust_model(seeded, world, robust, cache, drop)
                         metrics = evaluate(
                             model_dir, clean_test, test, triggered, attack.target, train, flagged, regions
@@ -236,6 +248,7 @@ def main() -> None:
                             "rate": rate,
                             "seed": seed,
                             "finetune_seed": finetune_seed,
+                            **({"recipe": recipe_overrides} if recipe_overrides else {}),
                             "variant": name,
                             "robust": asdict(robust) if robust else None,
                             "n_dropped": len(drop) if drop is not None else None,
@@ -247,7 +260,7 @@ def main() -> None:
                         rows = store_row(out, row, args.threads)
                         print(
                             f"{family} {kind} {rate:.2f} seed={seed} finetune_seed={finetune_seed} "
-                            f"{name:14s} "
+                            f"{_recipe(row)} {name:14s} "
                             f"clean={metrics['clean_exact_match']:.3f} asr={metrics['asr']:.3f} "
                             f"residual={metrics['residual_asr']:.3f} "
                             f"finetune={seconds:.0f}s",
@@ -256,11 +269,16 @@ def main() -> None:
     print_table(rows)
 
 
+def _recipe(row: dict) -> str:
+    """The row's ``--recipe`` overrides as text ("" for the world's own recipe)."""
+    return ",".join(f"{k}={v}" for k, v in sorted(row.get("recipe", {}).items()))
+
+
 def _world_key(row: dict) -> tuple:
-    """The upload and fine-tune seed a row was measured on (rows from before ``--finetune-seeds``
-    have the world's own)."""
+    """The upload, fine-tune seed and recipe a row was measured on (rows from before
+    ``--finetune-seeds`` have the world's own seed)."""
     seed = row.get("finetune_seed", WORLD_FINETUNE_SEED)
-    return row["family"], row["attack"], row["rate"], row["seed"], seed
+    return row["family"], row["attack"], row["rate"], row["seed"], _recipe(row), seed
 
 
 def _row_key(row: dict) -> tuple:
@@ -322,7 +340,7 @@ def print_table(rows: list[dict]) -> None:
         residual = "-" if r.get("residual_asr") is None else f"{r['residual_asr']:.3f}"
         print(
             f"| {r['family']} | {r['attack']} | {r['rate']:.2f} | {r['seed']} | {key[-1]} | "
-            f"{r['variant']} | "
+            f"{' '.join(filter(None, (key[-2], r['variant'])))} | "
             f"{r['clean_exact_match']:.3f} | {r['asr']:.3f} | {residual} | {cut} | {drop} | "
             f"{r['finetune_seconds']:.0f} |"
         )

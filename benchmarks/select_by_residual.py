@@ -4,11 +4,12 @@ issue 4's bar (b), against one run.
     .venv/bin/python benchmarks/select_by_residual.py benchmarks/results/robust_seeds.json
 
 On one upload the ASR cut of robust fine-tuning varies with the fine-tuning seed (data order and
-the views' random cells) from a backdoor that gives way to one that mostly survives (README,
-"Measured: over fine-tuning seeds"). A deployer cannot see the true ASR but can see the residual
-ASR (the filter's flags replayed, their regions pasted, through the model), so the question is
-whether spending more fine-tunes and keeping the lowest residual ASR buys the bar reliably. This
-reads the rows of ``benchmarks/robust.py --finetune-seeds`` and, per upload and robust variant:
+the views' random cells) from a backdoor that gives way to one that mostly survives
+(docs/measured/robust.md, "Measured: over fine-tuning seeds"). A deployer cannot see the true
+ASR but can see the residual ASR (the filter's flags replayed, their regions pasted, through the
+model), so the question is whether spending more fine-tunes and keeping the lowest residual ASR
+buys the bar reliably. This reads the rows of ``benchmarks/robust.py --finetune-seeds`` and, per
+upload and robust variant:
 
 - one run: the share of its runs (fine-tune seeds) that meet the bar;
 - best of k by residual ASR: over every k of the seeds run, the model that the pipeline's select
@@ -115,7 +116,7 @@ def main() -> None:
     groups = {key: runs for key, runs in sorted(runs_by_upload(rows).items()) if len(runs) > 1}
     k_max = max(len(runs) for runs in groups.values())
     table = []
-    for (family, attack, rate, seed, variant), runs in groups.items():
+    for (family, attack, rate, seed, recipe, variant), runs in groups.items():
         rate_met, tunes = retry(runs, args.retry_above)
         table.append(
             {
@@ -123,7 +124,7 @@ def main() -> None:
                 "attack": attack,
                 "rate": rate,
                 "seed": seed,
-                "variant": variant,
+                "variant": " ".join(filter(None, (recipe, variant))),
                 "finetune_seeds": [run.row.get("finetune_seed", 0) for run in runs],
                 "runs_meeting_bar": sum(run.meets_bar for run in runs),
                 **{f"best_of_{k}_by_residual": best_of(runs, k, "residual_asr") for k in range(2, k_max + 1)},
