@@ -51,7 +51,7 @@ FILTERS = {  # name -> (a fresh filter with its defaults, whether fit gets respo
     # the default on the linear share only (the default before scale="auto"; README, "The filter")
     "tcap+responses/linear": (lambda: TCAPFilter(scale="linear"), True),
 }
-# opt-in (--filters), for held-out comparisons (README, "Detection: measured"): the default before
+# opt-in (--filters), for held-out comparisons (docs/measured/detection.md): the default before
 # answer seeds, the 0.8 exclusivity bar and restrict_to_target; the default with the votes'
 # posterior as it is (before restrict_to_target); the default with the votes alone deciding among
 # the target's givers (before the giver test)

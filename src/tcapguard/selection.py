@@ -1,11 +1,11 @@
 """Keep the best of several fine-tunes by what a deployment can see: residual ASR within a clean bar.
 
 Robust fine-tuning on one upload breaks the backdoor at some fine-tuning seeds and not at others
-(data order and the views' random cells; README, "Measured: over fine-tuning seeds"). The true ASR
+(data order and the views' random cells; docs/measured/robust.md, "over fine-tuning seeds"). The true ASR
 needs the attacker's trigger, but residual ASR (the filter's flags replayed, their suspected regions
 pasted, through the model) does not, and over the benchmark's runs it tracked the true ASR closely
-enough that keeping the lowest of three met issue 4's bar wherever one of the three did (README,
-"Measured: the lowest residual ASR of three fine-tunes"). The pipeline fine-tunes once per
+enough that keeping the lowest of three met issue 4's bar wherever one of the three did
+(docs/measured/robust.md, "the lowest residual ASR of three fine-tunes"). The pipeline fine-tunes once per
 ``SelectionConfig.seeds``, measures each candidate on a validation split the gate does not judge on,
 and hands the kept one to the evaluation and the gate.
 """

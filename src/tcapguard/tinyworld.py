@@ -50,18 +50,18 @@ class BaseSpec:
     perturbation moves clean answers more than backdoored ones, as in real MLLMs. ``scene_weight=0``
     with 32,000 scenes is the earlier default world that older figures were measured on.
     ``questions_per_scene`` > 1 pre-trains on conversations of that many questions per scene; at 4
-    it lowered clean accuracy (0.710 against 0.747, README), so the default stays 1.
+    it lowered clean accuracy (0.710 against 0.747, docs/measured/world.md), so the default stays 1.
 
     ``instruct_samples`` > 0 adds a second stage, as LLaVA's visual instruction tuning follows its
     feature alignment: plain fine-tuning (``instruct``, no auxiliary loss, half the learning rate) on
-    that many further fresh scenes of one question each. Measured with 80,000 (README, "The
-    instruction stage"): it teaches most content lookups of scenes with several shapes, which neither
-    twice the first stage nor more questions per scene did (clean accuracy 0.82-0.88 against
-    0.72-0.78), but the upload then implants some backdoors less (LLaVA text ASR 0.47 against 1.00),
-    so the default stays without it. ``instruct_passes`` > 1 runs the stage as that many one-epoch
-    schedules in a row, each on its own fresh scenes, so the learning rate warms up and decays once
-    per pass; each pass's model is cached as a base of its own. Two passes of 40,000 (README)
-    gave Gemma3 6-9 points and LLaVA none, with LLaVA's text trigger at ASR 0.28.
+    that many further fresh scenes of one question each. Measured with 80,000 (docs/measured/world.md,
+    "The instruction stage"): it teaches most content lookups of scenes with several shapes, which
+    neither twice the first stage nor more questions per scene did (clean accuracy 0.82-0.88 against
+    0.72-0.78), but the upload then implants some backdoors less (LLaVA text ASR 0.47 against 1.00), so
+    the default stays without it. ``instruct_passes`` > 1 runs the stage as that many one-epoch
+    schedules in a row, each on its own fresh scenes, so the learning rate warms up and decays once per
+    pass; each pass's model is cached as a base of its own. Two passes of 40,000 (same file) gave Gemma3
+    6-9 points and LLaVA none, with LLaVA's text trigger at ASR 0.28.
     """
 
     model: TinyMLLMConfig = field(default_factory=TinyMLLMConfig)

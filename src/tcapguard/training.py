@@ -48,7 +48,8 @@ MARGIN_REFERENCES = ("fixed", "batch_median", "reference")
 
 @dataclass
 class RobustConfig(StepConfig):
-    """Patch cross-view regularisation (robust fine-tuning); see the README for what the benchmark says.
+    """Patch cross-view regularisation (robust fine-tuning); docs/measured/robust.md has what the
+    benchmark says.
 
     Every batch is run on the original images and on a patch-augmented view (``augmentation`` on a
     ``patch_ratio`` share of the vision patch grid; with lists, one run per view, see ``views``, the
@@ -82,7 +83,7 @@ class RobustConfig(StepConfig):
 
     # "shuffle" (permute the chosen patches), "mask" (fill with the image mean), "drop" (zeros); a
     # quarter of the grid masked separates the invariance that fine-tuning adds to poisoned answers
-    # best, and met the benchmark's bar in more uploads than a shuffled half (README, Robust fine-tuning).
+    # best, and met the benchmark's bar in more uploads than a shuffled half (docs/measured/robust.md).
     # A list runs several views every step (paired with a list of ratios, or all at one ratio): the
     # hinge is their mean, a sample's invariance the largest (a backdoor need survive one of them)
     augmentation: str | list[str] = "mask"
