@@ -86,6 +86,11 @@ def _value(text: str) -> object:
         return text
 
 
+def _settings(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` options as a dict, each value read as JSON where it parses."""
+    return {key: _value(value) for key, _, value in (pair.partition("=") for pair in pairs)}
+
+
 def filter_upload(world, train) -> tuple[list[str], dict[str, Box]]:
     """What the pipeline's default filter flags in the world's upload ``train``, and the suspected
     trigger regions that the filter step localises with the probe model (the world's own fine-tune)."""
@@ -207,8 +212,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    overrides = dict((k, _value(v)) for k, _, v in (s.partition("=") for s in args.set))
-    recipe_overrides = dict((k, _value(v)) for k, _, v in (s.partition("=") for s in args.recipe))
+    overrides = _settings(args.set)
+    recipe_overrides = _settings(args.recipe)
     cache = default_cache_dir()
     out = Path(args.out)
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
@@ -260,7 +265,7 @@ def main() -> None:
                         rows = store_row(out, row, args.threads)
                         print(
                             f"{family} {kind} {rate:.2f} seed={seed} finetune_seed={finetune_seed} "
-                            f"{_recipe(row)} {name:14s} "
+                            f"{variant_label(row):14s} "
                             f"clean={metrics['clean_exact_match']:.3f} asr={metrics['asr']:.3f} "
                             f"residual={metrics['residual_asr']:.3f} "
                             f"finetune={seconds:.0f}s",
@@ -272,6 +277,11 @@ def main() -> None:
 def _recipe(row: dict) -> str:
     """The row's ``--recipe`` overrides as text ("" for the world's own recipe)."""
     return ",".join(f"{k}={v}" for k, v in sorted(row.get("recipe", {}).items()))
+
+
+def variant_label(row: dict) -> str:
+    """The row's variant, after its recipe where it has one (as the tables name it)."""
+    return " ".join(filter(None, (_recipe(row), row["variant"])))
 
 
 def _world_key(row: dict) -> tuple:
@@ -340,7 +350,7 @@ def print_table(rows: list[dict]) -> None:
         residual = "-" if r.get("residual_asr") is None else f"{r['residual_asr']:.3f}"
         print(
             f"| {r['family']} | {r['attack']} | {r['rate']:.2f} | {r['seed']} | {key[-1]} | "
-            f"{' '.join(filter(None, (key[-2], r['variant'])))} | "
+            f"{variant_label(r)} | "
             f"{r['clean_exact_match']:.3f} | {r['asr']:.3f} | {residual} | {cut} | {drop} | "
             f"{r['finetune_seconds']:.0f} |"
         )

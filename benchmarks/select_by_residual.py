@@ -36,7 +36,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from robust import _world_key, asr_cut, clean_drop_points
+from robust import _world_key, asr_cut, clean_drop_points, variant_label
 from tcapguard.selection import Candidate, select
 
 MIN_CUT, MAX_CLEAN_DROP = 0.5, 2.0  # issue 4's bar (b); the clean drop in points
@@ -116,7 +116,7 @@ def main() -> None:
     groups = {key: runs for key, runs in sorted(runs_by_upload(rows).items()) if len(runs) > 1}
     k_max = max(len(runs) for runs in groups.values())
     table = []
-    for (family, attack, rate, seed, recipe, variant), runs in groups.items():
+    for (family, attack, rate, seed, *_), runs in groups.items():
         rate_met, tunes = retry(runs, args.retry_above)
         table.append(
             {
@@ -124,7 +124,7 @@ def main() -> None:
                 "attack": attack,
                 "rate": rate,
                 "seed": seed,
-                "variant": " ".join(filter(None, (recipe, variant))),
+                "variant": variant_label(runs[0].row),
                 "finetune_seeds": [run.row.get("finetune_seed", 0) for run in runs],
                 "runs_meeting_bar": sum(run.meets_bar for run in runs),
                 **{f"best_of_{k}_by_residual": best_of(runs, k, "residual_asr") for k in range(2, k_max + 1)},
