@@ -452,9 +452,9 @@ def plan(config: PipelineConfig) -> dict[str, str]:
     dirs: dict[str, str] = {}
     for seed in finetune_seeds(config):  # a candidate's key is the lone fine-tune's at the same seed
         finetune = replace(config.finetune, seed=seed).to_dict()
-        key = _key("finetune", finetune, LABELLING_VERSION, base_key, keys["filter"])
-        keys[finetune_step(config, seed)] = key
-        dirs[finetune_step(config, seed)] = _join(config.work_dir, f"finetune-{key}")
+        name = finetune_step(config, seed)
+        keys[name] = _key("finetune", finetune, LABELLING_VERSION, base_key, keys["filter"])
+        dirs[name] = _join(config.work_dir, f"finetune-{keys[name]}")
     if config.selection.enabled:
         validation_key = file_key(config.data.validation)
         candidates = [keys[finetune_step(config, seed)] for seed in config.selection.seeds]
