@@ -852,9 +852,9 @@ def run(config: PipelineConfig, *, progress: Callable[[str], None] = log.info) -
             continue
         if name == "finetune":  # one fine-tune per seed (the orchestrators run them in parallel)
             for seed in finetune_seeds(config):
-                step_dir = dirs[finetune_step(config, seed)]
-                progress(f"[{name} seed {seed}] {'reusing ' if is_finished(step_dir) else ''}{step_dir}")
-                outputs[finetune_step(config, seed)] = step_finetune(config, seed=seed, dirs=dirs)
+                step = finetune_step(config, seed)
+                progress(f"[{name} seed {seed}] {'reusing ' if is_finished(dirs[step]) else ''}{dirs[step]}")
+                outputs[step] = step_finetune(config, seed=seed, dirs=dirs)
             continue
         step_dir = dirs["profile" if name == "merge-profile" else name]
         progress(f"[{name}] {'reusing ' if is_finished(step_dir) else ''}{step_dir}")
