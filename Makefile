@@ -21,9 +21,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP) ## run the whole job on the embedded default (tiny Gemma3 world, BadNet 10%, local MLflow)
 	$(BIN)/tcapguard demo
 
-test: $(STAMP) ## run ruff and the whole test suite
+test: $(STAMP) ## run ruff and the whole test suite (two workers, one file each at a time)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 benchmark-world: $(STAMP) ## train the tiny world per attack and print clean accuracy / ASR
 	$(BIN)/python benchmarks/world.py
